@@ -1,0 +1,47 @@
+# goheap developer commands.  Everything installs itself from nothing:
+# a fresh machine needs only python3 (>= 3.10, with venv) and a C compiler.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+# The C core is rebuilt whenever one of these changes.
+BUILD_INPUTS := goheap/_sys.c goheap/_sys.h goheap/_sys.cdef build_ffi.py setup.py pyproject.toml
+PYTEST_ARGS ?=
+
+.PHONY: venv build test demo bench bench-quick lint clean
+
+venv: $(VENV)/.venv-ok
+$(VENV)/.venv-ok:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip "setuptools>=68" wheel "cffi>=1.16"
+	touch $@
+
+# Editable install: the extension (goheap/_ffi*.so) is built in place, so the
+# tests run against this checkout.
+build: $(VENV)/.build-ok
+$(VENV)/.build-ok: $(VENV)/.venv-ok $(BUILD_INPUTS)
+	$(PIP) install --no-build-isolation -e '.[test]'
+	touch $@
+
+test: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m goheap demo
+
+bench:
+	@echo "no benchmarks yet (issue 6)"
+
+lint: build
+	$(PIP) install -e '.[lint]' --no-build-isolation
+	$(PY) -m ruff check goheap tests build_ffi.py
+	$(PY) -m ruff format --check goheap tests build_ffi.py
+	$(PY) -m mypy goheap
+
+# Never deletes goheap/_sys.c: only what the build generates.
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -f goheap/_ffi.c goheap/_ffi*.so goheap/_ffi*.o
+	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +
+	rm -rf $(VENV)

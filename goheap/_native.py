@@ -1,0 +1,238 @@
+"""The one door to C: the only importer of the compiled module ``goheap._ffi``.
+
+See goheap/malloc.py for the overview.
+
+C reports, Python decides: C functions return a status and this module turns a
+failure into a documented exception (``ensure``).  Addresses cross the boundary
+as ints.  Two kinds of C object do leave this module, both as opaque handles
+that only C functions (and MSpan's field accessors) look inside: the per-heap
+``gh_mheap`` struct and ``gh_mspan`` structs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from typing import Any
+
+from goheap._ffi import ffi, lib  # type: ignore[import-not-found]
+from goheap.errors import OutOfMemory
+
+PAGE_SHIFT: int = lib.GH_PAGE_SHIFT
+PAGE_SIZE: int = lib.GH_PAGE_SIZE
+MAX_SMALL_SIZE: int = lib.GH_MAX_SMALL_SIZE
+NUM_SIZE_CLASSES: int = lib.GH_NUM_SIZE_CLASSES
+BIT_ALLOCATED: int = lib.GH_BIT_ALLOCATED
+BIT_BOUNDARY: int = lib.GH_BIT_BOUNDARY
+
+OK: int = lib.GH_OK
+EARG: int = lib.GH_EARG
+EEXIST: int = lib.GH_EEXIST
+MISS: int = lib.GH_MISS
+EINVALID: int = lib.GH_EINVALID
+EDOUBLE: int = lib.GH_EDOUBLE
+ECORRUPT: int = lib.GH_ECORRUPT
+FREED_NOW_NONEMPTY: int = lib.GH_FREED_NOW_NONEMPTY
+FREED_NOW_EMPTY: int = lib.GH_FREED_NOW_EMPTY
+FREED_LARGE: int = lib.GH_FREED_LARGE
+MSPAN_IN_USE: int = lib.GH_MSPAN_IN_USE
+MSPAN_FREE: int = lib.GH_MSPAN_FREE
+MSPAN_LIST_HEAD: int = lib.GH_MSPAN_LIST_HEAD
+MSPAN_DEAD: int = lib.GH_MSPAN_DEAD
+MSPAN_FAULTED: int = lib.GH_MSPAN_FAULTED
+
+# Statuses come back from the alloc fast path as -status, below any address.
+STATUS_LIMIT = 4096
+
+SPAN_STRUCT_SIZE: int = ffi.sizeof("gh_mspan")
+
+_out_addr = ffi.new("uintptr_t *")
+_out_size = ffi.new("size_t *")
+
+
+class ArgumentRejected(ValueError):
+    """C refused an argument before any syscall (misaligned, zero length ...)."""
+
+
+def ensure(status: int, call: str, n: int = 0, v: int = 0) -> None:
+    """Raise the documented exception for a failed C call; return on success.
+
+    GH_EARG -> ValueError (ArgumentRejected); ENOMEM -> OutOfMemory (a
+    MemoryError); any other errno -> OSError.  Messages name the call, the size,
+    the address and the errno."""
+    if status == OK:
+        return
+    where = f"{call}(v={v:#x}, n={n:#x})"
+    if status == EARG:
+        raise ArgumentRejected(f"{where}: argument rejected (misaligned, zero or out of range)")
+    if status == EEXIST:
+        raise FileExistsError(errno.EEXIST, f"{where}: address range already in use")
+    if status < 0:
+        raise OSError(errno.EINVAL, f"{where}: goheap status {status}")
+    if status == errno.ENOMEM:
+        raise OutOfMemory(f"{where}: out of memory (errno {status}, {os.strerror(status)})")
+    raise OSError(status, f"{where}: {os.strerror(status)} (errno {status})")
+
+
+# ---- OS layer ---------------------------------------------------------------
+
+
+def os_page_size() -> int:
+    ensure(lib.ghpy_sys_pagesize(_out_size), "sys_pagesize")
+    return int(_out_size[0])
+
+
+def sys_alloc(n: int, pagesize: int) -> int:
+    out = ffi.new("uintptr_t *")
+    ensure(lib.ghpy_sys_alloc(n, pagesize, out), "sys_alloc", n)
+    return int(out[0])
+
+
+def sys_reserve(hint: int, n: int, pagesize: int, exact: bool) -> int:
+    out = ffi.new("uintptr_t *")
+    ensure(lib.ghpy_sys_reserve(hint, n, pagesize, int(exact), out), "sys_reserve", n, hint)
+    return int(out[0])
+
+
+def sys_map(v: int, n: int, pagesize: int) -> None:
+    ensure(lib.ghpy_sys_map(v, n, pagesize), "sys_map", n, v)
+
+
+def sys_unused(v: int, n: int, pagesize: int) -> None:
+    ensure(lib.ghpy_sys_unused(v, n, pagesize), "sys_unused", n, v)
+
+
+def sys_used(v: int, n: int, pagesize: int) -> None:
+    ensure(lib.ghpy_sys_used(v, n, pagesize), "sys_used", n, v)
+
+
+def sys_fault(v: int, n: int, pagesize: int) -> None:
+    ensure(lib.ghpy_sys_fault(v, n, pagesize), "sys_fault", n, v)
+
+
+def sys_free(v: int, n: int, pagesize: int) -> None:
+    ensure(lib.ghpy_sys_free(v, n, pagesize), "sys_free", n, v)
+
+
+def gil_held_in_call() -> bool:
+    """For testing: whether a hot C call still holds the GIL (build_ffi.py)."""
+    return bool(lib.ghpy_gil_held())
+
+
+# ---- memory access ------------------------------------------------------------
+
+
+def view(v: int, n: int) -> memoryview:
+    """A writable byte view of [v, v+n).  The caller vouches for the range.
+    ctypes builds it about five times faster than ffi.buffer (peers.md)."""
+    return memoryview((ctypes.c_char * n).from_address(v)).cast("B")
+
+
+def read_word(v: int) -> int:
+    return int(ctypes.c_uint64.from_address(v).value)
+
+
+def write_word(v: int, x: int) -> None:
+    ctypes.c_uint64.from_address(v).value = x
+
+
+def memclr(v: int, n: int) -> None:
+    ensure(lib.gh_memclr(v, n), "memclr", n, v)
+
+
+# ---- heap struct, spans, bitmap -------------------------------------------------
+
+
+def new_mheap() -> Any:
+    """A zeroed gh_mheap (owned by the returned handle; freed with it)."""
+    return ffi.new("gh_mheap *")
+
+
+def mheap_addr(h: Any) -> int:
+    return int(ffi.cast("uintptr_t", h))
+
+
+def span_at(addr: int) -> Any:
+    """The gh_mspan struct at addr, as a handle MSpan reads its fields from."""
+    return ffi.cast("gh_mspan *", addr)
+
+
+NULL_SPAN = ffi.NULL
+
+
+def spans_set(h: Any, v: int, npages: int, s: Any) -> None:
+    ensure(lib.gh_spans_set(h, v, npages, s), "spans_set", npages, v)
+
+
+def spans_get(h: Any, v: int) -> int:
+    out = ffi.new("uintptr_t *")
+    ensure(lib.gh_spans_get(h, v, out), "spans_get", 0, v)
+    return int(out[0])
+
+
+def bitmap_get(h: Any, v: int) -> int:
+    out = ffi.new("uint64_t *")
+    ensure(lib.gh_bitmap_get(h, v, out), "bitmap_get", 0, v)
+    return int(out[0])
+
+
+def bitmap_set(h: Any, v: int, set_bits: int, clear_bits: int) -> None:
+    ensure(lib.gh_bitmap_set(h, v, set_bits, clear_bits), "bitmap_set", 0, v)
+
+
+def bitmap_markspan(h: Any, v: int, size: int, n: int, leftover: bool) -> None:
+    ensure(lib.gh_bitmap_markspan(h, v, size, n, int(leftover)), "markspan", size * n, v)
+
+
+def bitmap_unmarkspan(h: Any, v: int, n: int) -> None:
+    ensure(lib.gh_bitmap_unmarkspan(h, v, n), "unmarkspan", n, v)
+
+
+def mheap_lookup(h: Any, v: int) -> tuple[int, int] | None:
+    base = ffi.new("uintptr_t *")
+    size = ffi.new("uintptr_t *")
+    st = lib.gh_mheap_lookup(h, v, base, size)
+    if st == EINVALID:
+        return None
+    ensure(st, "lookup", 0, v)
+    return int(base[0]), int(size[0])
+
+
+def mspan_carve(h: Any, s: Any, size: int) -> None:
+    ensure(lib.gh_mspan_carve(h, s, size), "mspan_carve", size, int(s.start))
+
+
+def mspan_check(h: Any, s: Any) -> tuple[int, int, int]:
+    """(status, free objects, which rule broke) for one small span."""
+    nfree = ffi.new("uint32_t *")
+    what = ffi.new("uint32_t *")
+    st = lib.gh_mspan_check(h, s, nfree, what)
+    return int(st), int(nfree[0]), int(what[0])
+
+
+def mcache_swap(h: Any, cl: int, s: Any) -> int:
+    """Install s as class cl's cached span; return the address of the old one (or 0)."""
+    out = ffi.new("uintptr_t *")
+    ensure(lib.gh_mcache_swap(h, cl, s, out), "mcache_swap", cl)
+    return int(out[0])
+
+
+def mcache_counts(h: Any) -> tuple[list[int], list[int]]:
+    nm = ffi.new("uint64_t[]", NUM_SIZE_CLASSES)
+    nf = ffi.new("uint64_t[]", NUM_SIZE_CLASSES)
+    ensure(lib.gh_mcache_counts(h, nm, nf), "mcache_counts")
+    return list(nm), list(nf)
+
+
+# The hot calls, bound once (a lookup on lib per call costs ~13 ns).
+mcache_alloc = lib.gh_mcache_alloc
+mcache_alloc_nozero = lib.gh_mcache_alloc_nozero
+mcache_free = lib.gh_mcache_free
+
+
+def fastpath_pointers() -> tuple[int, int]:
+    """For the C-loop benchmark: addresses of gh_mcache_alloc and gh_mcache_free
+    (signatures ``uintptr_t (*)(gh_mheap *, uintptr_t)`` and
+    ``int (*)(gh_mheap *, uintptr_t)``)."""
+    return int(lib.ghpy_fastpath_alloc_fn()), int(lib.ghpy_fastpath_free_fn())

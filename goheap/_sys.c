@@ -1,0 +1,659 @@
+/* goheap C core: the OS layer, the GC bitmap and the small-object fast path.
+ *
+ * See goheap/malloc.py for the overview.
+ *
+ * Vocabulary: an *OS page* is what the kernel maps (4, 16 or 64 KiB); a *heap
+ * page* is GH_PAGE_SIZE (8 KiB).  The two differ on almost every machine, which
+ * is the bug the seed commit fixed: nothing here assumes one is a multiple of
+ * the other.  Every OS call takes the OS page size the caller believes in
+ * (the real one, or a larger simulated one for tests) and refuses ranges that
+ * are not whole pages of it.
+ *
+ * Rules of this file:
+ *   - Only the OS section calls mmap, mprotect, madvise or munmap.
+ *   - Sections call only earlier sections.
+ *   - C reports, Python decides: functions return a status (see _sys.h) and
+ *     hold no policy beyond what the hot paths need.
+ *   - C never calls back into Python and uses no thread-local storage.
+ *   - Every heap-touching function takes h->lock, so each call is atomic even
+ *     when the caller does not hold the GIL (free-threaded CPython, C drivers).
+ */
+#if defined(__APPLE__)
+#define _DARWIN_C_SOURCE 1
+#else
+#define _GNU_SOURCE 1
+#endif
+
+#include <errno.h>
+#include <sched.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "_sys.h"
+
+_Static_assert(GH_PAGE_SIZE == 8192, "heap page is 8 KiB");
+_Static_assert(sizeof(uintptr_t) == GH_PTR_SIZE, "goheap needs a 64-bit address space");
+_Static_assert(GH_WORDS_PER_BITMAP_WORD * 4 == 64, "4 bitmap bits per heap word");
+_Static_assert(sizeof(gh_mspan) % 8 == 0, "spans stay word aligned");
+
+#ifndef MAP_NORESERVE
+#define MAP_NORESERVE 0
+#endif
+#ifndef MAP_ANONYMOUS
+#define MAP_ANONYMOUS MAP_ANON
+#endif
+
+/* Written into word 1 of a freed object larger than two words: "this object is
+ * dirty".  Together with carving this keeps the rule "word 1 is zero only if
+ * the whole free object is zero", so a zeroed malloc clears only what it must. */
+#define GH_DIRTY_MARKER ((uintptr_t)0xfeedfeedfeedfeedULL)
+
+/* ------------------------------------------------------------------------
+ * OS layer
+ * ------------------------------------------------------------------------ */
+
+int gh_sys_pagesize(size_t *out)
+{
+    long n = sysconf(_SC_PAGESIZE);
+    if (out == NULL)
+        return GH_EARG;
+    if (n <= 0)
+        return errno ? errno : EINVAL;
+    *out = (size_t)n;
+    return GH_OK;
+}
+
+/* The caller's page size must be a power of two and a multiple of the real
+ * one; v and n must be whole pages of it, n non-zero.  v == 0 is allowed only
+ * where the caller says so (hints). */
+static int os_args_ok(uintptr_t v, size_t n, size_t pagesize, int v_may_be_zero)
+{
+    size_t real;
+    if (gh_sys_pagesize(&real) != GH_OK)
+        return 0;
+    if (pagesize < real || (pagesize & (pagesize - 1)) != 0 || pagesize % real != 0)
+        return 0;
+    if (n == 0 || n % pagesize != 0 || n > (SIZE_MAX >> 1))
+        return 0;
+    if (v % pagesize != 0 || (v == 0 && !v_may_be_zero))
+        return 0;
+    if (v != 0 && v + n < v)
+        return 0;
+    return 1;
+}
+
+/* Map n bytes aligned to pagesize.  When the simulated page is larger than
+ * the real one the kernel only aligns to the real page, so ask for the slack
+ * and trim both ends, as a kernel with big pages would have placed it. */
+static int os_map_aligned(uintptr_t hint, size_t n, size_t pagesize, int prot, int flags,
+                          uintptr_t *out)
+{
+    size_t real, slack;
+    uintptr_t p, aligned;
+    void *r;
+
+    if (gh_sys_pagesize(&real) != GH_OK)
+        return EINVAL;
+    slack = pagesize - real;
+    if (n + slack < n)
+        return ENOMEM;
+    r = mmap((void *)hint, n + slack, prot, flags, -1, 0);
+    if (r == MAP_FAILED)
+        return errno;
+    p = (uintptr_t)r;
+    aligned = (p + pagesize - 1) & ~(uintptr_t)(pagesize - 1);
+    if (aligned > p)
+        munmap((void *)p, aligned - p);
+    if (p + n + slack > aligned + n)
+        munmap((void *)(aligned + n), p + n + slack - (aligned + n));
+    *out = aligned;
+    return GH_OK;
+}
+
+/* None -> Ready: fresh zeroed read-write memory anywhere. */
+int gh_sys_alloc(size_t n, size_t pagesize, uintptr_t *out)
+{
+    if (out == NULL || !os_args_ok(0, n, pagesize, 1))
+        return GH_EARG;
+    return os_map_aligned(0, n, pagesize, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS, out);
+}
+
+/* None -> Reserved: address space only (PROT_NONE, no commit charge).
+ * With exact == 0 the hint is only a hint.  With exact != 0 the range must
+ * start at hint or nothing is mapped (GH_EEXIST): Linux has
+ * MAP_FIXED_NOREPLACE; kernels before 4.17 and macOS treat the address as a
+ * hint, so the result is checked either way. */
+int gh_sys_reserve(uintptr_t hint, size_t n, size_t pagesize, int exact, uintptr_t *out)
+{
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+    void *r;
+
+    if (out == NULL || !os_args_ok(hint, n, pagesize, !exact))
+        return GH_EARG;
+    if (!exact)
+        return os_map_aligned(hint, n, pagesize, PROT_NONE, flags, out);
+#ifdef MAP_FIXED_NOREPLACE
+    flags |= MAP_FIXED_NOREPLACE;
+#endif
+    r = mmap((void *)hint, n, PROT_NONE, flags, -1, 0);
+    if (r == MAP_FAILED)
+        return errno == EEXIST ? GH_EEXIST : errno;
+    if ((uintptr_t)r != hint) {
+        munmap(r, n);
+        return GH_EEXIST;
+    }
+    *out = hint;
+    return GH_OK;
+}
+
+/* Reserved -> Ready: v must lie inside a reservation of the caller's (the
+ * fixed mapping would replace anything else).  Contents read as zero. */
+int gh_sys_map(uintptr_t v, size_t n, size_t pagesize)
+{
+    void *r;
+    if (!os_args_ok(v, n, pagesize, 0))
+        return GH_EARG;
+    r = mmap((void *)v, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    if (r == MAP_FAILED)
+        return errno;
+    return (uintptr_t)r == v ? GH_OK : EFAULT;
+}
+
+/* Ready -> Prepared: the OS may take the pages back.  Linux drops them now
+ * (they read back as zero); macOS's MADV_FREE_REUSABLE also lowers the
+ * footprint the kernel reports, which plain MADV_FREE does not. */
+int gh_sys_unused(uintptr_t v, size_t n, size_t pagesize)
+{
+    if (!os_args_ok(v, n, pagesize, 0))
+        return GH_EARG;
+#if defined(__APPLE__) && defined(MADV_FREE_REUSABLE)
+    if (madvise((void *)v, n, MADV_FREE_REUSABLE) != 0)
+        return errno;
+#else
+    if (madvise((void *)v, n, MADV_DONTNEED) != 0)
+        return errno;
+#endif
+    return GH_OK;
+}
+
+/* Prepared -> Ready.  Nothing to do on Linux; macOS must be told so its
+ * accounting of reused pages stays right. */
+int gh_sys_used(uintptr_t v, size_t n, size_t pagesize)
+{
+    if (!os_args_ok(v, n, pagesize, 0))
+        return GH_EARG;
+#if defined(__APPLE__) && defined(MADV_FREE_REUSE)
+    if (madvise((void *)v, n, MADV_FREE_REUSE) != 0)
+        return errno;
+#endif
+    return GH_OK;
+}
+
+/* Ready -> Reserved, for efence: every later touch faults, the address range
+ * stays ours, the pages go back to the OS.  mprotect can fail (ENOMEM when
+ * splitting the mapping would pass vm.max_map_count) and leaves the range
+ * untouched when it does, so a failure never leaves a half-faulted object. */
+int gh_sys_fault(uintptr_t v, size_t n, size_t pagesize)
+{
+    if (!os_args_ok(v, n, pagesize, 0))
+        return GH_EARG;
+    if (mprotect((void *)v, n, PROT_NONE) != 0)
+        return errno;
+#if defined(__APPLE__) && defined(MADV_FREE_REUSABLE)
+    (void)madvise((void *)v, n, MADV_FREE_REUSABLE); /* best effort: already inaccessible */
+#else
+    if (madvise((void *)v, n, MADV_DONTNEED) != 0)
+        return errno;
+#endif
+    return GH_OK;
+}
+
+/* any -> None. */
+int gh_sys_free(uintptr_t v, size_t n, size_t pagesize)
+{
+    if (!os_args_ok(v, n, pagesize, 0))
+        return GH_EARG;
+    if (munmap((void *)v, n) != 0)
+        return errno;
+    return GH_OK;
+}
+
+/* ------------------------------------------------------------------------
+ * Lock
+ * ------------------------------------------------------------------------ */
+
+/* A spinlock is enough: every critical section is a handful of loads and
+ * stores, and under the GIL (the common build) it is never contended. */
+static inline void heap_lock(gh_mheap *h)
+{
+    while (__atomic_exchange_n(&h->lock, 1, __ATOMIC_ACQUIRE) != 0) {
+        while (__atomic_load_n(&h->lock, __ATOMIC_RELAXED) != 0)
+            sched_yield();
+    }
+}
+
+static inline void heap_unlock(gh_mheap *h)
+{
+    __atomic_store_n(&h->lock, 0, __ATOMIC_RELEASE);
+}
+
+/* ------------------------------------------------------------------------
+ * GC bitmap
+ *
+ * Four bits per heap word, grouped by kind: in the bitmap word describing
+ * heap words [16k, 16k+16), bit i is "allocated" for word 16k+i and bit 16+i
+ * is "block boundary".  The bitmap grows down from arena_start.
+ * Meaning (Go 1.2): allocated = a live object starts here; boundary without
+ * allocated = a free object starts here; nothing = not an object start.
+ * The caller holds h->lock and has checked arena_start <= v < arena_used.
+ * ------------------------------------------------------------------------ */
+
+static inline uint64_t *bitmap_word(const gh_mheap *h, uintptr_t v, unsigned *shift)
+{
+    uintptr_t off = (v - h->arena_start) / GH_PTR_SIZE;
+    *shift = (unsigned)(off % GH_WORDS_PER_BITMAP_WORD);
+    return (uint64_t *)(h->arena_start - GH_PTR_SIZE * (off / GH_WORDS_PER_BITMAP_WORD + 1));
+}
+
+static inline uint64_t bitmap_bits(const gh_mheap *h, uintptr_t v)
+{
+    unsigned shift;
+    uint64_t *w = bitmap_word(h, v, &shift);
+    return (*w >> shift) & (GH_BIT_ALLOCATED | GH_BIT_BOUNDARY | GH_BIT_MARKED | GH_BIT_SPECIAL);
+}
+
+static inline void bitmap_set(gh_mheap *h, uintptr_t v, uint64_t set, uint64_t clear)
+{
+    unsigned shift;
+    uint64_t *w = bitmap_word(h, v, &shift);
+    *w = (*w & ~(clear << shift)) | (set << shift);
+}
+
+static int range_ok(const gh_mheap *h, uintptr_t v, uintptr_t n)
+{
+    return h != NULL && h->arena_start != 0 && v >= h->arena_start && n <= h->arena_used - v &&
+           v < h->arena_used;
+}
+
+/* markspan: a free-object boundary at each of n object starts, plus one just
+ * past the last when the span has a leftover tail. */
+int gh_bitmap_markspan(gh_mheap *h, uintptr_t v, uintptr_t size, uintptr_t n, int leftover)
+{
+    uintptr_t i;
+    if (size == 0 || size % GH_PTR_SIZE != 0 || n == 0 || n > (UINTPTR_MAX - v) / size ||
+        !range_ok(h, v, size * n))
+        return GH_EARG;
+    heap_lock(h);
+    for (i = 0; i < n; i++)
+        bitmap_set(h, v + i * size, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED | GH_BIT_BOUNDARY);
+    if (leftover && v + n * size < h->arena_used)
+        bitmap_set(h, v + n * size, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
+    heap_unlock(h);
+    return GH_OK;
+}
+
+/* unmarkspan: forget every bit of [v, v+n); v and n are whole 128-byte
+ * groups (one bitmap word each), which any heap page is. */
+int gh_bitmap_unmarkspan(gh_mheap *h, uintptr_t v, uintptr_t n)
+{
+    unsigned shift;
+    uint64_t *w;
+    uintptr_t i, nwords;
+    const uintptr_t group = GH_PTR_SIZE * GH_WORDS_PER_BITMAP_WORD;
+    if (v % group != 0 || n % group != 0 || n == 0 || !range_ok(h, v, n))
+        return GH_EARG;
+    heap_lock(h);
+    w = bitmap_word(h, v, &shift);
+    nwords = n / group;
+    for (i = 0; i < nwords; i++)
+        *(w - i) = 0;
+    heap_unlock(h);
+    return GH_OK;
+}
+
+/* The four bits of v, right-aligned by kind (allocated = bit 0, boundary =
+ * bit 16 ...), for check() and tests. */
+int gh_bitmap_get(gh_mheap *h, uintptr_t v, uint64_t *out)
+{
+    if (out == NULL || v % GH_PTR_SIZE != 0 || !range_ok(h, v, GH_PTR_SIZE))
+        return GH_EARG;
+    heap_lock(h);
+    *out = bitmap_bits(h, v);
+    heap_unlock(h);
+    return GH_OK;
+}
+
+/* Set (set) and clear (clear) bits of one word, for large objects, efence and
+ * tests.  Only the allocated/boundary kinds may be named. */
+int gh_bitmap_set(gh_mheap *h, uintptr_t v, uint64_t set, uint64_t clear)
+{
+    const uint64_t kinds = GH_BIT_ALLOCATED | GH_BIT_BOUNDARY;
+    if (v % GH_PTR_SIZE != 0 || (set & ~kinds) || (clear & ~kinds) || !range_ok(h, v, GH_PTR_SIZE))
+        return GH_EARG;
+    heap_lock(h);
+    bitmap_set(h, v, set, clear);
+    heap_unlock(h);
+    return GH_OK;
+}
+
+/* ------------------------------------------------------------------------
+ * Spans table
+ *
+ * One gh_mspan* per heap page of [arena_start, arena_used).  An in-use span
+ * maps every page; a free span its first and last (MHeap keeps that rule).
+ * ------------------------------------------------------------------------ */
+
+static inline gh_mspan **spans_slot(const gh_mheap *h, uintptr_t v)
+{
+    return (gh_mspan **)(h->spans + ((v - h->arena_start) >> GH_PAGE_SHIFT) * sizeof(gh_mspan *));
+}
+
+/* Point npages entries starting at the page of v at s (s may be NULL). */
+int gh_spans_set(gh_mheap *h, uintptr_t v, uintptr_t npages, gh_mspan *s)
+{
+    uintptr_t i;
+    gh_mspan **slot;
+    if (v % GH_PAGE_SIZE != 0 || npages == 0 || npages > (UINTPTR_MAX >> GH_PAGE_SHIFT) ||
+        !range_ok(h, v, npages << GH_PAGE_SHIFT))
+        return GH_EARG;
+    heap_lock(h);
+    slot = spans_slot(h, v);
+    for (i = 0; i < npages; i++)
+        slot[i] = s;
+    heap_unlock(h);
+    return GH_OK;
+}
+
+int gh_spans_get(gh_mheap *h, uintptr_t v, uintptr_t *out)
+{
+    if (out == NULL || !range_ok(h, v, 1))
+        return GH_EARG;
+    heap_lock(h);
+    *out = (uintptr_t)*spans_slot(h, v);
+    heap_unlock(h);
+    return GH_OK;
+}
+
+/* mlookup: the live object containing v.  GH_EINVALID when v is in no live
+ * object (free span, free object, faulted efence span, outside). */
+int gh_mheap_lookup(gh_mheap *h, uintptr_t v, uintptr_t *base, uintptr_t *size)
+{
+    gh_mspan *s;
+    uintptr_t b;
+    int st = GH_EINVALID;
+    if (base == NULL || size == NULL)
+        return GH_EARG;
+    if (!range_ok(h, v, 1))
+        return GH_EINVALID;
+    heap_lock(h);
+    s = *spans_slot(h, v);
+    if (s != NULL && s->state == GH_MSPAN_IN_USE && v >= s->start) {
+        if (s->sizeclass == 0) {
+            b = s->base;
+            if (v >= b && v < s->limit && (bitmap_bits(h, b) & GH_BIT_ALLOCATED)) {
+                *base = b;
+                *size = s->elemsize;
+                st = GH_OK;
+            }
+        } else if (v < s->limit) {
+            b = s->start + (v - s->start) / s->elemsize * s->elemsize;
+            if (bitmap_bits(h, b) & GH_BIT_ALLOCATED) {
+                *base = b;
+                *size = s->elemsize;
+                st = GH_OK;
+            }
+        }
+    }
+    heap_unlock(h);
+    return st;
+}
+
+/* ------------------------------------------------------------------------
+ * Spans: carving and checking (MCentral_Grow's inner loop, mspan validation)
+ * ------------------------------------------------------------------------ */
+
+/* Cut s into objects of size in address order, linked through word 0, and
+ * mark their starts.  s must be IN_USE, not yet visible to the fast path. */
+int gh_mspan_carve(gh_mheap *h, gh_mspan *s, uintptr_t size)
+{
+    uintptr_t n, i, v, bytes;
+    if (s == NULL || size < GH_PTR_SIZE || size % GH_PTR_SIZE != 0 || size > GH_MAX_SMALL_SIZE ||
+        s->npages == 0 || s->start % GH_PAGE_SIZE != 0)
+        return GH_EARG;
+    bytes = s->npages << GH_PAGE_SHIFT;
+    if (!range_ok(h, s->start, bytes) || size > bytes)
+        return GH_EARG;
+    n = bytes / size;
+    heap_lock(h);
+    for (i = 0; i < n; i++) {
+        v = s->start + i * size;
+        ((uintptr_t *)v)[0] = i + 1 < n ? v + size : 0;
+        if (s->needzero && size > 2 * GH_PTR_SIZE)
+            ((uintptr_t *)v)[1] = GH_DIRTY_MARKER;
+        else if (s->needzero && size == 2 * GH_PTR_SIZE)
+            ((uintptr_t *)v)[1] = 0;
+        bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED | GH_BIT_BOUNDARY);
+    }
+    if (n * size < bytes)
+        bitmap_set(h, s->start + n * size, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
+    s->freelist = s->start;
+    s->elemsize = size;
+    s->nelems = (uint32_t)n;
+    s->ref = 0;
+    s->limit = s->start + n * size;
+    s->base = s->start;
+    heap_unlock(h);
+    return GH_OK;
+}
+
+/* A free-list link is trusted only if it names a free object start of the
+ * same span: inside [start, limit) and marked "boundary" in the bitmap.  A
+ * corrupted link (a user's stray write into freed memory) is refused before
+ * it can hand out memory that overlaps something live. */
+static inline int link_ok(const gh_mheap *h, const gh_mspan *s, uintptr_t next)
+{
+    return next >= s->start && next < s->limit && next % GH_PTR_SIZE == 0 &&
+           (bitmap_bits(h, next) & (GH_BIT_ALLOCATED | GH_BIT_BOUNDARY)) == GH_BIT_BOUNDARY;
+}
+
+/* Walk s: every free-list entry is a free object start inside s, there is no
+ * cycle, free + ref == nelems, and the bitmap agrees object by object.
+ * Returns GH_ECORRUPT with *what naming the first broken rule (1..6). */
+int gh_mspan_check(gh_mheap *h, gh_mspan *s, uint32_t *nfree, uint32_t *what)
+{
+    uintptr_t v, i;
+    uint32_t n = 0, nlive = 0, nboundary = 0;
+    uint64_t bits;
+    int st = GH_OK;
+    if (s == NULL || nfree == NULL || what == NULL || s->sizeclass == 0 || s->elemsize == 0 ||
+        !range_ok(h, s->start, s->npages << GH_PAGE_SHIFT))
+        return GH_EARG;
+    *what = 0;
+    heap_lock(h);
+    for (v = s->freelist; v != 0; v = *(uintptr_t *)v) {
+        if (!link_ok(h, s, v) || (v - s->start) % s->elemsize != 0) {
+            *what = 1; /* link outside the span, misaligned, or not a free start */
+            st = GH_ECORRUPT;
+            break;
+        }
+        if (++n > s->nelems) {
+            *what = 2; /* longer than the span can hold: a cycle */
+            st = GH_ECORRUPT;
+            break;
+        }
+    }
+    if (st == GH_OK) {
+        for (i = 0; i < s->nelems; i++) {
+            bits = bitmap_bits(h, s->start + i * s->elemsize);
+            if (bits & GH_BIT_ALLOCATED)
+                nlive++;
+            else if (bits & GH_BIT_BOUNDARY)
+                nboundary++;
+        }
+        if (n + s->ref != s->nelems) {
+            *what = 3; /* free count + live count != capacity */
+            st = GH_ECORRUPT;
+        } else if (nlive != s->ref) {
+            *what = 4; /* allocated bits != live objects */
+            st = GH_ECORRUPT;
+        } else if (nboundary != n) {
+            *what = 5; /* boundary bits != free objects */
+            st = GH_ECORRUPT;
+        } else if (s->limit != s->start + (uintptr_t)s->nelems * s->elemsize) {
+            *what = 6;
+            st = GH_ECORRUPT;
+        }
+    }
+    *nfree = n;
+    heap_unlock(h);
+    return st;
+}
+
+/* ------------------------------------------------------------------------
+ * MCache fast path
+ *
+ * Alloc pops the head of the class's cached span; free pushes onto the
+ * object's own span.  Anything else (empty cache, large objects, errors) is
+ * reported and left to Python.  Statuses come back as small integers
+ * (never a valid address) so the hot call needs no out-parameter.
+ * ------------------------------------------------------------------------ */
+
+static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero)
+{
+    gh_mspan *s;
+    uintptr_t v, next, cl;
+
+    if (h == NULL || h->arena_start == 0)
+        return (uintptr_t)-GH_EARG;
+    if (size > GH_MAX_SMALL_SIZE)
+        return (uintptr_t)-GH_MISS;
+    cl = size <= 1024 ? h->size_to_class8[(size + 7) >> 3]
+                      : h->size_to_class128[(size - 1024 + 127) >> 7];
+    heap_lock(h);
+    s = h->alloc[cl];
+    if (s == NULL || s->freelist == 0) {
+        heap_unlock(h);
+        return (uintptr_t)-GH_MISS;
+    }
+    v = s->freelist;
+    next = *(uintptr_t *)v;
+    if (next != 0 && !link_ok(h, s, next)) {
+        heap_unlock(h);
+        return (uintptr_t)-GH_ECORRUPT;
+    }
+    s->freelist = next;
+    s->ref++;
+    h->nmalloc[cl]++;
+    bitmap_set(h, v, GH_BIT_ALLOCATED, GH_BIT_BOUNDARY);
+    heap_unlock(h);
+    /* The object is ours alone now: zero it outside the lock. */
+    ((uintptr_t *)v)[0] = 0;
+    if (zero && s->elemsize > 2 * GH_PTR_SIZE && ((uintptr_t *)v)[1] != 0)
+        memset((void *)v, 0, s->elemsize);
+    return v;
+}
+
+/* malloc of a zeroed small object: an address, or a status < 4096 (-GH_*). */
+uintptr_t gh_mcache_alloc(gh_mheap *h, uintptr_t size)
+{
+    return mcache_alloc(h, size, 1);
+}
+
+uintptr_t gh_mcache_alloc_nozero(gh_mheap *h, uintptr_t size)
+{
+    return mcache_alloc(h, size, 0);
+}
+
+/* free(v).  Returns 0, a GH_E* status (< 0, nothing changed), or event bits
+ * (> 0) telling Python that an uncached span must move between MCentral
+ * lists, or that v was a large/efence object whose span Python now frees
+ * (GH_FREED_LARGE; the bitmap already says "free"). */
+int gh_mcache_free(gh_mheap *h, uintptr_t v)
+{
+    gh_mspan *s;
+    uint64_t bits;
+    int events = 0;
+
+    if (h == NULL || h->arena_start == 0)
+        return GH_EARG;
+    if (v < h->arena_start || v >= h->arena_used || v % GH_PTR_SIZE != 0)
+        return GH_EINVALID;
+    heap_lock(h);
+    bits = bitmap_bits(h, v);
+    if (!(bits & GH_BIT_ALLOCATED)) {
+        heap_unlock(h);
+        return (bits & GH_BIT_BOUNDARY) ? GH_EDOUBLE : GH_EINVALID;
+    }
+    s = *spans_slot(h, v);
+    if (s == NULL || s->state != GH_MSPAN_IN_USE || s->ref == 0) {
+        heap_unlock(h);
+        return GH_ECORRUPT;
+    }
+    bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
+    if (s->sizeclass == 0) {
+        s->ref--;
+        heap_unlock(h);
+        return GH_FREED_LARGE;
+    }
+    ((uintptr_t *)v)[0] = s->freelist;
+    if (s->elemsize > 2 * GH_PTR_SIZE)
+        ((uintptr_t *)v)[1] = GH_DIRTY_MARKER;
+    else if (s->elemsize == 2 * GH_PTR_SIZE)
+        ((uintptr_t *)v)[1] = 0;
+    if (s->freelist == 0 && !s->incache)
+        events |= GH_FREED_NOW_NONEMPTY;
+    s->freelist = v;
+    s->ref--;
+    h->nfree[s->sizeclass]++;
+    if (s->ref == 0 && !s->incache)
+        events |= GH_FREED_NOW_EMPTY;
+    heap_unlock(h);
+    return events;
+}
+
+/* Swap the span the mcache allocates from for class cl; the old one (or NULL)
+ * comes back in *old with incache cleared. */
+int gh_mcache_swap(gh_mheap *h, uint32_t cl, gh_mspan *s, uintptr_t *old)
+{
+    gh_mspan *prev;
+    if (h == NULL || old == NULL || cl == 0 || cl >= GH_NUM_SIZE_CLASSES ||
+        (s != NULL && (s->sizeclass != cl || s->state != GH_MSPAN_IN_USE)))
+        return GH_EARG;
+    heap_lock(h);
+    prev = h->alloc[cl];
+    if (prev != NULL)
+        prev->incache = 0;
+    if (s != NULL)
+        s->incache = 1;
+    h->alloc[cl] = s;
+    heap_unlock(h);
+    *old = (uintptr_t)prev;
+    return GH_OK;
+}
+
+/* Zero n bytes at v (large objects that may be dirty).  The caller owns the
+ * range; nothing to check beyond the pointer and overflow. */
+int gh_memclr(uintptr_t v, uintptr_t n)
+{
+    if (v == 0 || v + n < v)
+        return GH_EARG;
+    memset((void *)v, 0, n);
+    return GH_OK;
+}
+
+/* Counters read in one locked pass so a stats() snapshot is consistent. */
+int gh_mcache_counts(gh_mheap *h, uint64_t *nmalloc, uint64_t *nfree)
+{
+    int i;
+    if (h == NULL || nmalloc == NULL || nfree == NULL)
+        return GH_EARG;
+    heap_lock(h);
+    for (i = 0; i < GH_NUM_SIZE_CLASSES; i++) {
+        nmalloc[i] = h->nmalloc[i];
+        nfree[i] = h->nfree[i];
+    }
+    heap_unlock(h);
+    return GH_OK;
+}

@@ -1,0 +1,139 @@
+/* goheap C core: declarations and constants.
+ *
+ * See goheap/malloc.py for the overview.  This header is the contract between
+ * the hand-written C core (_sys.c) and Python; goheap/_sys.cdef lists the subset
+ * Python may call.  Constants defined here are the single source of truth and
+ * are read by Python through cffi's "..." mechanism.
+ *
+ * Status convention (every exported function):
+ *   0             success; results come back through out-parameters
+ *   > 0           an errno from the OS call named by the function
+ *   GH_EARG  (<0) an argument was rejected before any syscall (Python: ValueError)
+ *   other GH_E*   a heap-level verdict (see each function)
+ */
+#ifndef GOHEAP_SYS_H
+#define GOHEAP_SYS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- heap geometry ---------------------------------------------------- */
+#define GH_PAGE_SHIFT      13                      /* heap page: 8 KiB, whatever the OS page */
+#define GH_PAGE_SIZE       (1UL << GH_PAGE_SHIFT)
+#define GH_PAGE_MASK       (GH_PAGE_SIZE - 1)
+#define GH_MAX_SMALL_SIZE  32768
+#define GH_NUM_SIZE_CLASSES 67
+#define GH_PTR_SIZE        8
+#define GH_WORDS_PER_BITMAP_WORD 16                /* 4 bits per heap word in 64-bit words */
+
+/* GC bitmap bit kinds, grouped by kind in each bitmap word (Go 1.2 layout). */
+#define GH_BIT_ALLOCATED     1UL
+#define GH_BIT_BOUNDARY      (1UL << 16)
+#define GH_BIT_MARKED        (1UL << 32)
+#define GH_BIT_SPECIAL       (1UL << 48)
+
+/* ---- status codes ----------------------------------------------------- */
+#define GH_OK          0
+#define GH_EARG       (-1)   /* bad argument: misaligned, zero length, out of range */
+#define GH_EEXIST     (-2)   /* an exact reservation could not be placed where asked */
+#define GH_MISS       (-3)   /* fast path: cache has nothing, Python must refill */
+#define GH_EINVALID   (-4)   /* free: not the start of a live object */
+#define GH_EDOUBLE    (-5)   /* free: the object is already free */
+#define GH_ECORRUPT   (-6)   /* a free-list link points outside its span */
+#define GH_ELARGE     (-7)   /* free: the address is a large object; Python frees the span */
+#define GH_EFAULTED   (-8)   /* free: the address is in an efence (faulted/efence) span */
+
+/* ---- span states (MSpan.state) ------------------------------------------ */
+#define GH_MSPAN_IN_USE    0
+#define GH_MSPAN_FREE      1
+#define GH_MSPAN_LIST_HEAD 2
+#define GH_MSPAN_DEAD      3
+#define GH_MSPAN_FAULTED   4   /* goheap: efence span whose object was freed and faulted */
+
+/* ---- free-span event bits returned by gh_mcache_free -------------------- */
+#define GH_FREED_NOW_NONEMPTY 1  /* an uncached span had no free object and now has one */
+#define GH_FREED_NOW_EMPTY    2  /* an uncached span has no live object left */
+#define GH_FREED_LARGE        4  /* a large/efence object: Python frees its span */
+
+#endif
+
+#ifndef GOHEAP_SYS_STRUCTS
+#define GOHEAP_SYS_STRUCTS
+
+/* One span: a run of heap pages (Go's MSpan, the part C needs).
+ * Python's goheap.mspan.MSpan wraps one of these and keeps the page heap's
+ * own bookkeeping (released pages, idle time, list membership) beside it.
+ * Invariants (checked by gh_mspan_check and MHeap.check):
+ *   start is heap-page aligned; [start, start + npages*PAGE_SIZE) is the span;
+ *   small span (sizeclass > 0): objects of elemsize at start + i*elemsize,
+ *     i < nelems, limit = start + nelems*elemsize, ref + len(freelist) == nelems;
+ *   large span (sizeclass == 0): one object [base, base + elemsize), limit = base + elemsize. */
+typedef struct gh_mspan {
+    uintptr_t start;      /* address of the first byte                        */
+    uintptr_t npages;     /* length in heap pages                             */
+    uintptr_t freelist;   /* first free object (MLink chain through word 0)   */
+    uintptr_t limit;      /* end of the usable data                           */
+    uintptr_t elemsize;   /* object size in bytes                             */
+    uintptr_t base;       /* large/efence: where the one object starts        */
+    uint32_t  ref;        /* objects handed out                               */
+    uint32_t  nelems;     /* objects the span holds                           */
+    uint8_t   state;      /* GH_MSPAN_*                                       */
+    uint8_t   sizeclass;  /* 0 = one large (or efence) object                 */
+    uint8_t   incache;    /* owned by the mcache: C allocates from it         */
+    uint8_t   needzero;   /* memory may be dirty: carve writes zero markers   */
+    uint32_t  pad;
+} gh_mspan;
+
+/* The part of MHeap, MCache and MStats that the C fast path reads or writes.
+ * Python owns everything else.  One per Heap; lives in Python-allocated memory. */
+typedef struct gh_mheap {
+    uintptr_t arena_start;                 /* first arena byte; 0 once closed  */
+    uintptr_t arena_used;                  /* end of the mapped arena          */
+    uintptr_t spans;                       /* spans table: gh_mspan* per page  */
+    gh_mspan *alloc[GH_NUM_SIZE_CLASSES];  /* mcache: the span each class pops */
+    uint32_t  class_to_size[GH_NUM_SIZE_CLASSES];
+    uint8_t   size_to_class8[129];         /* index (size+7)>>3, size <= 1024  */
+    uint8_t   size_to_class128[249];       /* index (size-1024+127)>>7         */
+    uint8_t   pad[6];
+    uint64_t  nmalloc[GH_NUM_SIZE_CLASSES];/* small objects handed out         */
+    uint64_t  nfree[GH_NUM_SIZE_CLASSES];  /* small objects freed              */
+    int32_t   lock;                        /* spinlock: each C call is atomic  */
+    int32_t   pad2;
+} gh_mheap;
+
+
+/* ---- OS layer (section 1 of _sys.c) -------------------------------------
+ * pagesize is the OS page the caller works with: the real one, or a larger
+ * power of two for simulation.  v and n must be whole pages of it, n > 0,
+ * else GH_EARG before any syscall.  Errors: an errno (ENOMEM, EINVAL, ...). */
+int gh_sys_pagesize(size_t *out);                                  /* real OS page */
+int gh_sys_alloc(size_t n, size_t pagesize, uintptr_t *out);       /* None -> Ready */
+int gh_sys_reserve(uintptr_t hint, size_t n, size_t pagesize, int exact,
+                   uintptr_t *out);                                /* None -> Reserved; GH_EEXIST */
+int gh_sys_map(uintptr_t v, size_t n, size_t pagesize);           /* Reserved -> Ready */
+int gh_sys_unused(uintptr_t v, size_t n, size_t pagesize);        /* Ready -> Prepared */
+int gh_sys_used(uintptr_t v, size_t n, size_t pagesize);          /* Prepared -> Ready */
+int gh_sys_fault(uintptr_t v, size_t n, size_t pagesize);         /* Ready -> Reserved */
+int gh_sys_free(uintptr_t v, size_t n, size_t pagesize);          /* any -> None */
+
+/* ---- GC bitmap and spans table -------------------------------------------
+ * Addresses must lie in [arena_start, arena_used) of h, else GH_EARG. */
+int gh_bitmap_markspan(gh_mheap *h, uintptr_t v, uintptr_t size, uintptr_t n, int leftover);
+int gh_bitmap_unmarkspan(gh_mheap *h, uintptr_t v, uintptr_t n);  /* v, n: 128-byte groups */
+int gh_bitmap_get(gh_mheap *h, uintptr_t v, uint64_t *out);
+int gh_bitmap_set(gh_mheap *h, uintptr_t v, uint64_t set, uint64_t clear);
+int gh_spans_set(gh_mheap *h, uintptr_t v, uintptr_t npages, gh_mspan *s);
+int gh_spans_get(gh_mheap *h, uintptr_t v, uintptr_t *out);
+int gh_mheap_lookup(gh_mheap *h, uintptr_t v, uintptr_t *base, uintptr_t *size); /* GH_EINVALID */
+
+/* ---- spans and the mcache fast path --------------------------------------- */
+int gh_mspan_carve(gh_mheap *h, gh_mspan *s, uintptr_t size);
+int gh_mspan_check(gh_mheap *h, gh_mspan *s, uint32_t *nfree, uint32_t *what); /* GH_ECORRUPT */
+uintptr_t gh_mcache_alloc(gh_mheap *h, uintptr_t size);        /* address, or -GH_* (< 4096) */
+uintptr_t gh_mcache_alloc_nozero(gh_mheap *h, uintptr_t size);
+int gh_mcache_free(gh_mheap *h, uintptr_t v);                  /* 0, GH_E* < 0, GH_FREED_* > 0 */
+int gh_mcache_swap(gh_mheap *h, uint32_t cl, gh_mspan *s, uintptr_t *old);
+int gh_mcache_counts(gh_mheap *h, uint64_t *nmalloc, uint64_t *nfree);
+int gh_memclr(uintptr_t v, uintptr_t n);
+
+#endif

@@ -1,0 +1,20 @@
+"""Debug level: how much checking runs at API boundaries.
+
+See goheap/malloc.py for the overview.
+
+Three tiers, named by cost (as mimalloc's MI_DEBUG): ``throw`` is always on;
+level >= 2 adds O(1) internal checks; level >= 3 runs ``Heap.check()`` (O(heap))
+after every public mutating call.  Set with GOHEAP_DEBUG=N or ``set_level``.
+"""
+
+from __future__ import annotations
+
+import os
+
+level: int = int(os.environ.get("GOHEAP_DEBUG", "1") or 1)
+
+
+def set_level(n: int) -> None:
+    """Set the debug level for heaps created from now on and for running checks."""
+    global level
+    level = int(n)

@@ -1,0 +1,42 @@
+"""goheap's exception types and the always-on consistency check.
+
+See goheap/malloc.py for the overview.
+
+Every public call either succeeds or raises one of these (or a plain ValueError /
+TypeError for a malformed argument), and in every case the heap is left as it
+was: ``Heap.check()`` passes afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+
+class HeapError(Exception):
+    """Base of every goheap error."""
+
+
+class InvalidFree(HeapError, ValueError):  # noqa: N818 - Go's vocabulary
+    """free() of an address that is not the start of a live object."""
+
+
+class DoubleFree(InvalidFree):  # noqa: N818
+    """free() of an object that is already free."""
+
+
+class HeapCorruption(HeapError):
+    """A heap invariant is broken; the message names it and the values involved."""
+
+
+class HeapClosed(HeapError):
+    """The heap was closed; its memory is gone."""
+
+
+class OutOfMemory(HeapError, MemoryError):  # noqa: N818
+    """The OS or the arena could not provide the memory."""
+
+
+def throw(msg: str) -> NoReturn:
+    """Go's runtime·throw: an impossible state.  Always on (never ``assert``,
+    which ``python -O`` strips)."""
+    raise HeapCorruption(msg)
