@@ -49,9 +49,7 @@ def tour_primitives(out: object = sys.stdout) -> None:
     m.sys_map(v, 16 << 20, "heap_sys")
     print(f"\nsys_map(first 16 MiB): read-write, contents zero; RSS {_rss_mib():.1f} MiB")
     print("\n".join(_maps_lines(v, n)))
-    from goheap import _native
-
-    buf = _native.view(v, 16 << 20)
+    buf = m.view(v, 16 << 20)
     for off in range(0, 16 << 20, ps):
         buf[off] = 1
     print(f"touched every page: RSS {_rss_mib():.1f} MiB")

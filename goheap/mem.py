@@ -122,6 +122,11 @@ class SysMemory:
             with self._lock:
                 self.stats[stat] += n
 
+    @staticmethod
+    def view(v: int, n: int) -> memoryview:
+        """A writable byte view of [v, v+n), which must be Ready memory of ours."""
+        return _native.view(v, n)
+
     # ---- the primitives ------------------------------------------------------------
 
     def round_up(self, n: int) -> int:
