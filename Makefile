@@ -27,6 +27,19 @@ $(VENV)/.build-ok: $(VENV)/.venv-ok $(BUILD_INPUTS)
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Platform lanes (lanes/*.sh; README "Platforms").  test-pagesize runs the suite
+# as a 16 KiB- and a 64 KiB-page process (LD_PRELOAD shim, tests/pageshim/);
+# the emulated lanes need root, install their own tools and cache their Debian
+# roots in lanes/work/.  ARM64_PYTEST_ARGS: e.g. "-m pagesize" for the subset.
+.PHONY: test-pagesize test-arm64 test-kernels
+ARM64_PYTEST_ARGS ?=
+test-pagesize: build
+	PYTHON=$(PY) bash lanes/pagesize.sh -- $(PYTEST_ARGS)
+test-arm64:
+	bash lanes/arm64.sh $(ARM64_PYTEST_ARGS)
+test-kernels:
+	bash lanes/kernels.sh
+
 demo: build
 	$(PY) -m goheap demo
 
