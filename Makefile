@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 BUILD_INPUTS := goheap/_sys.c goheap/_sys.h goheap/_sys.cdef build_ffi.py setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: venv build test demo bench bench-quick lint clean
+.PHONY: venv build test demo bench bench-quick bench-deps lint clean
 
 venv: $(VENV)/.venv-ok
 $(VENV)/.venv-ok:
@@ -43,8 +43,27 @@ test-kernels:
 demo: build
 	$(PY) -m goheap demo
 
-bench:
-	@echo "no benchmarks yet (issue 6)"
+# Benchmarks (issue 6; README "Benchmarks"): the bench extra into the venv, and Debian's
+# jemalloc/mimalloc/tcmalloc when they are missing and apt-get is there (a peer that is still
+# missing is skipped by run.py with a printed reason).
+BENCH_APT := libjemalloc2 libmimalloc2.0 libtcmalloc-minimal4
+$(VENV)/.bench-ok: $(VENV)/.build-ok pyproject.toml
+	$(PIP) install --no-build-isolation -e '.[bench]'
+	touch $@
+
+bench-deps: $(VENV)/.bench-ok
+	@if ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2 && \
+	    ldconfig -p | grep -q libmimalloc.so.2 && ldconfig -p | grep -q libtcmalloc_minimal.so.4; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  { apt-get update -qq && apt-get install -y -qq $(BENCH_APT); } >/dev/null 2>&1 || \
+	    echo "bench: apt-get install $(BENCH_APT) failed; those peers will be skipped"; \
+	else echo "bench: no apt-get; the jemalloc/mimalloc/tcmalloc peers will be skipped"; fi
+
+bench: bench-deps
+	$(PY) benchmarks/run.py
+
+bench-quick: bench-deps
+	$(PY) benchmarks/run.py --quick
 
 lint: build
 	$(PIP) install -e '.[lint]' --no-build-isolation
