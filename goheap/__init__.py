@@ -1,1 +1,56 @@
-"""goheap: the Go runtime's 2014 page heap on real memory.  See README.md."""
+"""goheap: the Go runtime's 2014 page heap (mallocinit, MHeap, MCentral, MCache,
+the GC bitmap, efence) on real memory obtained with mmap.
+
+    >>> import goheap
+    >>> with goheap.Heap(arena_size=1 << 30) as h:
+    ...     p = h.malloc(100)
+    ...     h.usable_size(p)
+    ...     h.free(p)
+    112
+
+See README.md for the tour and goheap/malloc.py for the design overview.
+"""
+
+from goheap.errors import (
+    DoubleFree,
+    HeapClosed,
+    HeapCorruption,
+    HeapError,
+    InvalidFree,
+    OutOfMemory,
+)
+from goheap.malloc import Heap
+from goheap.mheap import MAX_ARENA32
+from goheap.mstats import BySize, MStats
+from goheap.sizeclasses import (
+    MAX_SMALL_SIZE,
+    NUM_SIZE_CLASSES,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    class_to_allocnpages,
+    class_to_size,
+    roundupsize,
+    size_to_class,
+)
+
+__all__ = [
+    "MAX_ARENA32",
+    "MAX_SMALL_SIZE",
+    "NUM_SIZE_CLASSES",
+    "PAGE_SHIFT",
+    "PAGE_SIZE",
+    "BySize",
+    "DoubleFree",
+    "Heap",
+    "HeapClosed",
+    "HeapCorruption",
+    "HeapError",
+    "InvalidFree",
+    "MStats",
+    "OutOfMemory",
+    "class_to_allocnpages",
+    "class_to_size",
+    "roundupsize",
+    "size_to_class",
+]
+__version__ = "0.1.0"

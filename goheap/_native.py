@@ -161,6 +161,11 @@ def span_at(addr: int) -> Any:
 NULL_SPAN = ffi.NULL
 
 
+def ffi_addr(ptr: Any) -> int:
+    """The address a C pointer holds, as an int."""
+    return int(ffi.cast("uintptr_t", ptr))
+
+
 def spans_set(h: Any, v: int, npages: int, s: Any) -> None:
     ensure(lib.gh_spans_set(h, v, npages, s), "spans_set", npages, v)
 
@@ -171,10 +176,24 @@ def spans_get(h: Any, v: int) -> int:
     return int(out[0])
 
 
+def spans_mismatch(h: Any, v: int, npages: int, s: Any) -> int:
+    out = ffi.new("uintptr_t *")
+    ensure(lib.gh_spans_mismatch(h, v, npages, s, out), "spans_mismatch", npages, v)
+    return int(out[0])
+
+
 def bitmap_get(h: Any, v: int) -> int:
     out = ffi.new("uint64_t *")
     ensure(lib.gh_bitmap_get(h, v, out), "bitmap_get", 0, v)
     return int(out[0])
+
+
+def bitmap_count(h: Any, v: int, n: int) -> tuple[int, int]:
+    """(allocated bits, boundary bits) over [v, v+n)."""
+    a = ffi.new("uint64_t *")
+    b = ffi.new("uint64_t *")
+    ensure(lib.gh_bitmap_count(h, v, n, a, b), "bitmap_count", n, v)
+    return int(a[0]), int(b[0])
 
 
 def bitmap_set(h: Any, v: int, set_bits: int, clear_bits: int) -> None:

@@ -325,6 +325,29 @@ int gh_bitmap_get(gh_mheap *h, uintptr_t v, uint64_t *out)
     return GH_OK;
 }
 
+/* Count the allocated and boundary bits describing [v, v+n) (whole 128-byte
+ * groups): check() compares them with the live and free objects it walked. */
+int gh_bitmap_count(gh_mheap *h, uintptr_t v, uintptr_t n, uint64_t *nalloc, uint64_t *nboundary)
+{
+    unsigned shift;
+    uint64_t *w, a = 0, b = 0;
+    uintptr_t i;
+    const uintptr_t group = GH_PTR_SIZE * GH_WORDS_PER_BITMAP_WORD;
+    if (nalloc == NULL || nboundary == NULL || v % group != 0 || n % group != 0 || n == 0 ||
+        !range_ok(h, v, n))
+        return GH_EARG;
+    heap_lock(h);
+    w = bitmap_word(h, v, &shift);
+    for (i = 0; i < n / group; i++) {
+        a += (uint64_t)__builtin_popcountll(*(w - i) & 0xffffULL);
+        b += (uint64_t)__builtin_popcountll(*(w - i) & 0xffff0000ULL);
+    }
+    heap_unlock(h);
+    *nalloc = a;
+    *nboundary = b;
+    return GH_OK;
+}
+
 /* Set (set) and clear (clear) bits of one word, for large objects, efence and
  * tests.  Only the allocated/boundary kinds may be named. */
 int gh_bitmap_set(gh_mheap *h, uintptr_t v, uint64_t set, uint64_t clear)
@@ -373,6 +396,24 @@ int gh_spans_get(gh_mheap *h, uintptr_t v, uintptr_t *out)
     heap_lock(h);
     *out = (uintptr_t)*spans_slot(h, v);
     heap_unlock(h);
+    return GH_OK;
+}
+
+/* How many of the npages entries from the page of v do not point at s
+ * (check(): an in-use span must own every one of its pages). */
+int gh_spans_mismatch(gh_mheap *h, uintptr_t v, uintptr_t npages, gh_mspan *s, uintptr_t *out)
+{
+    uintptr_t i, bad = 0;
+    gh_mspan **slot;
+    if (out == NULL || v % GH_PAGE_SIZE != 0 || npages == 0 ||
+        npages > (UINTPTR_MAX >> GH_PAGE_SHIFT) || !range_ok(h, v, npages << GH_PAGE_SHIFT))
+        return GH_EARG;
+    heap_lock(h);
+    slot = spans_slot(h, v);
+    for (i = 0; i < npages; i++)
+        bad += slot[i] != s;
+    heap_unlock(h);
+    *out = bad;
     return GH_OK;
 }
 

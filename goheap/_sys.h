@@ -121,9 +121,11 @@ int gh_sys_free(uintptr_t v, size_t n, size_t pagesize);          /* any -> None
 int gh_bitmap_markspan(gh_mheap *h, uintptr_t v, uintptr_t size, uintptr_t n, int leftover);
 int gh_bitmap_unmarkspan(gh_mheap *h, uintptr_t v, uintptr_t n);  /* v, n: 128-byte groups */
 int gh_bitmap_get(gh_mheap *h, uintptr_t v, uint64_t *out);
+int gh_bitmap_count(gh_mheap *h, uintptr_t v, uintptr_t n, uint64_t *nalloc, uint64_t *nboundary);
 int gh_bitmap_set(gh_mheap *h, uintptr_t v, uint64_t set, uint64_t clear);
 int gh_spans_set(gh_mheap *h, uintptr_t v, uintptr_t npages, gh_mspan *s);
 int gh_spans_get(gh_mheap *h, uintptr_t v, uintptr_t *out);
+int gh_spans_mismatch(gh_mheap *h, uintptr_t v, uintptr_t npages, gh_mspan *s, uintptr_t *out);
 int gh_mheap_lookup(gh_mheap *h, uintptr_t v, uintptr_t *base, uintptr_t *size); /* GH_EINVALID */
 
 /* ---- spans and the mcache fast path --------------------------------------- */

@@ -1,0 +1,468 @@
+"""goheap: the Go runtime's 2014 memory allocator on real memory.  The overview.
+
+Structures, bottom up (one module each):
+- ``SysMemory`` (mem.py): the OS, as Go's Sys* primitives, with the region
+  states None -> Reserved -> Prepared <-> Ready; wrappable for fault injection.
+- ``MHeap`` (mheap.py): the page heap.  One reservation [spans | bitmap | arena]
+  made by mallocinit; free spans of 1..127 pages on exact lists, larger ones in a
+  best-fit structure; growth through MHeap_SysAlloc; coalescing; scavenging.
+- ``MSpan`` (mspan.py): a run of 8 KiB heap pages; its fields live in a C struct
+  that the spans table points at, so C finds the span of any address.
+- ``MCentral`` (mcentral.py): per size class, spans with and without free objects.
+- ``MCache`` (mcache.py, state in C): per size class, the span being allocated from.
+- The GC bitmap (mbitmap.py, marking in C): 4 bits per heap word below
+  arena_start; *allocated* marks exactly the live objects' first words.
+- ``MStats`` (mstats.py): Go's MemStats.
+
+Allocating a small object (<= 32 KiB) walks up a hierarchy of caches:
+1. C: round the size up to its class and pop the head of the cached span's free
+   list, mark it allocated in the bitmap, count it.  No Python, no lock but the
+   heap's spinlock.  This is the whole hot path.
+2. If the cached span is empty, Python refills: the span goes back to its
+   MCentral, which hands over a span with free objects ...
+3. ... or carves a fresh one from MHeap (class_to_allocnpages pages) ...
+4. ... and MHeap grows the arena (at least 1 MiB) when no free span fits.
+
+Allocating a large object (> 32 KiB): a span of its own, ceil(size / 8 KiB)
+pages, straight from MHeap.
+
+Freeing:
+1. C: the bitmap must say "a live object starts here" (else InvalidFree, or
+   DoubleFree when it says "a free object starts here"); the spans table gives
+   the span; the object is pushed on the span's free list.
+2. If that span was full or is now empty and the mcache does not hold it,
+   Python moves it between MCentral's lists, or gives it back to MHeap.
+3. A large object's span goes back to MHeap, which coalesces it with both
+   neighbours; in efence mode it is faulted instead (efence.py).
+
+Growing: MHeap_SysAlloc maps more of the reservation (sys_map), then the bitmap
+and spans-table pages that describe it; in 32-bit mode it may reserve more
+address space, realigned, as the seed commit fixed it.
+
+Zeroing: memory fresh from the OS is zero and is not cleared again.  A freed
+small object keeps the rule "word 1 is zero only if the object is all zero"
+(free writes a marker there), so ``malloc(zero=True)`` clears only its link
+word unless the object was used before.  Large spans carry ``needzero``.
+
+Thread safety: each C call is atomic (the heap's spinlock); Python's slow paths
+hold the heap's RLock.  Locks are re-created in a forked child.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import weakref
+from typing import Any
+
+from goheap import _native
+from goheap.efence import EFence
+from goheap.errors import DoubleFree, HeapClosed, HeapCorruption, InvalidFree, OutOfMemory
+from goheap.mcache import MCache
+from goheap.mcentral import MCentral, check_span
+from goheap.mem import SysMemory
+from goheap.mheap import MHeap
+from goheap.mspan import SpanState
+from goheap.mstats import BySize, MStats
+from goheap.sizeclasses import (
+    MAX_SMALL_SIZE,
+    NUM_SIZE_CLASSES,
+    PAGE_SIZE,
+    class_to_size,
+    size_to_class,
+    size_to_class8,
+    size_to_class128,
+)
+
+__all__ = ["Heap"]
+
+_STATUS_LIMIT = _native.STATUS_LIMIT
+_MISS = -_native.MISS
+_CORRUPT = -_native.ECORRUPT
+_mcache_alloc = _native.mcache_alloc
+_mcache_alloc_nozero = _native.mcache_alloc_nozero
+_mcache_free = _native.mcache_free
+_FREED_LARGE = _native.FREED_LARGE
+_EDOUBLE = _native.EDOUBLE
+_EINVALID = _native.EINVALID
+_EARG = _native.EARG
+
+_live_heaps: weakref.WeakSet[Heap] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at fork time would stay held forever in
+    # the child, where that thread does not exist.
+    for h in list(_live_heaps):
+        h._reinit_locks()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Heap:
+    """A Go-style heap on its own reservation of address space.
+
+    ``arena_size``: bytes of arena to reserve (default 128 GiB in 64-bit mode,
+    512 MiB initial in 32-bit mode); costs address space, not memory.
+    ``mode``: "64bit" (one reservation) or "32bit" (Go on a 32-bit machine:
+    2 GiB window, growth by MHeap_SysAlloc).  ``efence``: every object on pages
+    of its own, faulted when freed (default from GOHEAP_EFENCE=1).  ``guard``,
+    ``align``, ``quarantine``: efence options (see efence.py).
+    ``scavenge_after``: seconds a free span waits before its pages go back to the
+    OS.  ``sysmem``: the OS layer (tests pass a wrapped or simulated one).
+    """
+
+    def __init__(
+        self,
+        arena_size: int | None = None,
+        mode: str = "64bit",
+        efence: bool | None = None,
+        scavenge_after: float = 300.0,
+        *,
+        guard: bool | str = False,
+        align: int = 16,
+        quarantine: int | None = None,
+        sysmem: SysMemory | None = None,
+    ) -> None:
+        if efence is None:
+            efence = os.environ.get("GOHEAP_EFENCE", "") not in ("", "0")
+        self._h = MHeap(sysmem, arena_size, mode, scavenge_after)
+        self._c: Any = self._h.c
+        self._lock = self._h.lock
+        self._init_tables()
+        self._central = [MCentral(self._h, cl) for cl in range(NUM_SIZE_CLASSES)]
+        self._mcache = MCache(self._h, self._central)
+        self._efence = EFence(self._h, guard, align, quarantine) if efence else None
+        if not efence and (guard or quarantine is not None):
+            raise ValueError("guard and quarantine are efence options: pass efence=True")
+        self._nlargealloc = 0
+        self._nlargefree = 0
+        self._largealloc = 0  # bytes ever allocated in large objects
+        self._largefree = 0
+        self._closed = False
+        _live_heaps.add(self)
+
+    def _init_tables(self) -> None:
+        c = self._c
+        for i, n in enumerate(class_to_size):
+            c.class_to_size[i] = n
+        for i, cl in enumerate(size_to_class8):
+            c.size_to_class8[i] = cl
+        for i, cl in enumerate(size_to_class128):
+            c.size_to_class128[i] = cl
+        c.size_to_class8[0] = size_to_class(0)  # malloc(0): a distinct 8-byte object
+
+    def _reinit_locks(self) -> None:
+        self._h.lock = threading.RLock()
+        self._lock = self._h.lock
+        self._c.lock = 0
+
+    # ---- read-only arena fields --------------------------------------------------------
+
+    arena_start = property(lambda self: self._h.arena_start, doc="First arena byte.")
+    arena_used = property(lambda self: self._h.arena_used, doc="End of the mapped arena.")
+    arena_end = property(lambda self: self._h.arena_end, doc="End of the reservation.")
+    spans = property(lambda self: self._h.spans, doc="Address of the spans table.")
+    bitmap = property(lambda self: self._h.bitmap, doc="Low end of the GC bitmap region.")
+    os_page_size = property(lambda self: self._h.os_page_size, doc="The OS page in bytes.")
+    mode = property(lambda self: self._h.mode, doc='"64bit", or "32bit" (also after fallback).')
+    efence = property(lambda self: self._efence is not None, doc="Whether efence mode is on.")
+
+    # ---- malloc / free -------------------------------------------------------------------
+
+    def malloc(self, size: int, zero: bool = True) -> int:
+        """Allocate ``size`` bytes; return the address (an int).  8-byte aligned,
+        16 for sizes >= 16, 8 KiB for large objects.  ``malloc(0)`` returns a
+        distinct address that must be freed like any other.  Raises TypeError
+        (not an int), ValueError (negative), OutOfMemory, HeapClosed."""
+        try:
+            v = (_mcache_alloc if zero else _mcache_alloc_nozero)(self._c, size)
+        except (OverflowError, TypeError):
+            v = 0
+        if v >= _STATUS_LIMIT:
+            return v  # type: ignore[no-any-return]
+        return self._malloc_slow(size, zero, v)
+
+    def _check_size(self, size: object) -> int:
+        if isinstance(size, bool) or not isinstance(size, int):
+            try:
+                size = size.__index__()  # type: ignore[attr-defined]
+            except AttributeError:
+                raise TypeError(
+                    f"malloc size must be an int, not {type(size).__name__}"
+                ) from None
+        assert isinstance(size, int)
+        if size < 0:
+            raise ValueError(f"malloc size must be >= 0, not {size}")
+        return size
+
+    def _malloc_slow(self, size: object, zero: bool, status: int) -> int:
+        n = self._check_size(size)
+        with self._lock:
+            if self._closed:
+                raise HeapClosed("malloc on a closed heap")
+            if n > (self._h.arena_end - self._h.arena_start) or n >= 1 << 62:
+                raise OutOfMemory(
+                    f"malloc({n}): larger than the arena "
+                    f"({self._h.arena_end - self._h.arena_start} bytes)"
+                )
+            if self._efence is not None:
+                v, nbytes = self._efence.alloc(n, zero)
+                self._nlargealloc += 1
+                self._largealloc += nbytes
+                return v
+            if n > MAX_SMALL_SIZE:
+                return self._malloc_large(n, zero)
+            if status == _CORRUPT:
+                self._raise_corrupt(n)
+            cl = size_to_class(n)
+            for _ in range(2):
+                self._mcache.refill(cl)
+                v = (_mcache_alloc if zero else _mcache_alloc_nozero)(self._c, n)
+                if v >= _STATUS_LIMIT:
+                    return v  # type: ignore[no-any-return]
+                if v == _CORRUPT:
+                    self._raise_corrupt(n)
+            raise HeapCorruption(f"malloc({n}): refill of class {cl} gave no object")
+
+    def _raise_corrupt(self, n: int) -> None:
+        cl = size_to_class(n)
+        s = self._h.span_of(_native.ffi_addr(self._c.alloc[cl]))
+        raise HeapCorruption(
+            f"malloc({n}): the free list of class {cl} links outside its span {s!r} "
+            "(a write into freed memory?); the object was not handed out"
+        )
+
+    def _malloc_large(self, n: int, zero: bool) -> int:
+        h = self._h
+        npages = max(1, math.ceil(n / PAGE_SIZE))
+        s = h.alloc_span_locked(npages)
+        s.elemsize = s.nbytes
+        s.ref = 1
+        _native.bitmap_set(self._c, s.start, _native.BIT_ALLOCATED, _native.BIT_BOUNDARY)
+        if zero and s.needzero:
+            _native.memclr(s.start, s.nbytes)
+        s.needzero = True
+        self._nlargealloc += 1
+        self._largealloc += s.nbytes
+        return s.start
+
+    def free(self, v: int) -> None:
+        """Free the object starting at v.  InvalidFree if v is not the start of a
+        live object (DoubleFree if it is a freed one); nothing changes then.
+        A stale address that has since been handed out again is, to the heap,
+        the new object: freeing it frees the new object."""
+        try:
+            st = _mcache_free(self._c, v)
+        except (OverflowError, TypeError):
+            st = _EINVALID if isinstance(v, int) else None
+        if st == 0:
+            return
+        self._free_slow(v, st)
+
+    def _free_slow(self, v: Any, st: int | None) -> None:
+        if st is None:
+            raise TypeError(f"free() takes an int address, not {type(v).__name__}")
+        if st == _EARG:
+            raise HeapClosed("free on a closed heap")
+        if st == _EDOUBLE:
+            raise DoubleFree(f"free({v:#x}): double free of an object")
+        if st == _EINVALID:
+            raise InvalidFree(f"free({v:#x}): not the start of a live object")
+        if st < 0:
+            raise HeapCorruption(f"free({v:#x}): the heap's metadata disagrees (status {st})")
+        with self._lock:
+            h = self._h
+            if st & _FREED_LARGE:
+                s = h.lookup(v)
+                if s is None or s.sizeclass != 0 or s.base != v:
+                    raise HeapCorruption(f"free({v:#x}): bitmap says large object, span {s!r}")
+                if self._efence is not None:
+                    self._efence.free(s)  # on failure the object stays live
+                else:
+                    _native.bitmap_set(self._c, v, 0, _native.BIT_BOUNDARY)
+                    h.free_span_locked(s)
+                self._nlargefree += 1
+                self._largefree += s.elemsize
+                return
+            s = h.lookup(v)
+            if s is not None:
+                self._central[s.sizeclass].reconcile(s)
+
+    # ---- queries -----------------------------------------------------------------------
+
+    def lookup(self, addr: int) -> tuple[int, int] | None:
+        """(base, size) of the live object containing addr, or None."""
+        if self._closed:
+            raise HeapClosed("lookup on a closed heap")
+        return _native.mheap_lookup(self._c, addr)
+
+    def usable_size(self, v: int) -> int:
+        """The size of the object at v: its class size, or its span when large."""
+        r = self.lookup(v)
+        if r is None or r[0] != v:
+            raise InvalidFree(f"usable_size({v:#x}): not the start of a live object")
+        return r[1]
+
+    def view(self, v: int, size: int | None = None) -> memoryview:
+        """A writable memoryview of ``size`` bytes at v (default: to the object's
+        end).  ValueError if the range leaves the live object containing v."""
+        r = self.lookup(v)
+        if r is None:
+            raise ValueError(f"view({v:#x}): not inside a live object")
+        base, n = r
+        avail = base + n - v
+        if size is None:
+            size = avail
+        if not isinstance(size, int) or size < 0 or size > avail:
+            raise ValueError(f"view({v:#x}, {size}): the object [{base:#x}, +{n}) ends first")
+        return _native.view(v, size)
+
+    def stats(self) -> MStats:
+        """A consistent MemStats snapshot."""
+        with self._lock:
+            if self._closed:
+                raise HeapClosed("stats on a closed heap")
+            return self._stats_locked()
+
+    def _stats_locked(self) -> MStats:
+        h = self._h
+        nm, nf = _native.mcache_counts(self._c)
+        small_alloc = sum((nm[c] - nf[c]) * class_to_size[c] for c in range(1, NUM_SIZE_CLASSES))
+        small_total = sum(nm[c] * class_to_size[c] for c in range(1, NUM_SIZE_CLASSES))
+        heap_alloc = small_alloc + self._largealloc - self._largefree
+        mallocs = sum(nm) + self._nlargealloc
+        frees = sum(nf) + self._nlargefree
+        by_size = tuple(BySize(class_to_size[c], nm[c], nf[c]) for c in range(NUM_SIZE_CLASSES))
+        mspan_sys = sum(n for _, n in h.spanalloc.chunks)
+        gc_sys, other_sys = h.bitmap_mapped, h.spans_mapped + h.slack_sys
+        ef = self._efence
+        return MStats(
+            alloc=heap_alloc,
+            total_alloc=small_total + self._largealloc,
+            sys=h.heap_sys + mspan_sys + gc_sys + other_sys,
+            mallocs=mallocs,
+            frees=frees,
+            heap_alloc=heap_alloc,
+            heap_sys=h.heap_sys,
+            heap_idle=h.heap_idle,
+            heap_inuse=h.heap_inuse,
+            heap_released=h.heap_released,
+            heap_objects=mallocs - frees,
+            mspan_inuse=h.spanalloc.inuse * h.spanalloc.size,
+            mspan_sys=mspan_sys,
+            gc_sys=gc_sys,
+            other_sys=other_sys,
+            by_size=by_size,
+            efence_faulted=ef.faulted_bytes if ef else 0,
+            efence_deleted=ef.deleted if ef else 0,
+            os_page_size=h.os_page_size,
+        )
+
+    # ---- scavenging, checking, closing --------------------------------------------------
+
+    def scavenge(self) -> int:
+        """Give every free span's whole OS pages back to the OS now (Go's
+        debug.FreeOSMemory); return the bytes newly released."""
+        with self._lock:
+            if self._closed:
+                raise HeapClosed("scavenge on a closed heap")
+            self._mcache.release_all()
+            return self._h.scavenge_locked(math.inf, 0.0)
+
+    def check(self) -> None:
+        """Walk every invariant; raise HeapCorruption naming the first broken one."""
+        with self._lock:
+            if self._closed:
+                raise HeapClosed("check on a closed heap")
+            self._check_locked()
+
+    def _check_locked(self) -> None:
+        h = self._h
+        h.check_locked()
+        cached = self._mcache.cached()
+        live_small = [0] * NUM_SIZE_CLASSES
+        small_spans: set[int] = set()
+        for cl in range(1, NUM_SIZE_CLASSES):
+            live_small[cl] += self._central[cl].check()
+            small_spans.update(self._central[cl].nonempty)
+            small_spans.update(self._central[cl].empty)
+        for cl, addr in cached.items():
+            s = h.span_of(addr)
+            if s is None or s.state != SpanState.IN_USE or s.sizeclass != cl or not s.incache:
+                raise HeapCorruption(f"mcache[{cl}] holds {s!r}")
+            if addr in small_spans:
+                raise HeapCorruption(f"cached span {s!r} is also on a central list")
+            small_spans.add(addr)
+            live_small[cl] += check_span(h, s)
+        large_live = large_bytes = faulted = 0
+        for s in h.walk():
+            if s.state == SpanState.IN_USE and s.sizeclass:
+                if s.addr not in small_spans:
+                    raise HeapCorruption(f"small span {s!r} is neither cached nor in its mcentral")
+            elif s.state == SpanState.IN_USE:
+                if s.ref != 1 or not _native.bitmap_get(self._c, s.base) & _native.BIT_ALLOCATED:
+                    raise HeapCorruption(f"large span {s!r}: object not marked allocated")
+                large_live += 1
+                large_bytes += s.elemsize
+            elif s.state == SpanState.FAULTED:
+                faulted += s.nbytes
+        nm, nf = _native.mcache_counts(self._c)
+        for cl in range(1, NUM_SIZE_CLASSES):
+            if nm[cl] - nf[cl] != live_small[cl]:
+                raise HeapCorruption(
+                    f"class {cl}: stats say {nm[cl] - nf[cl]} live objects, spans hold "
+                    f"{live_small[cl]}"
+                )
+        if large_live != self._nlargealloc - self._nlargefree:
+            raise HeapCorruption(
+                f"large objects: stats say {self._nlargealloc - self._nlargefree}, "
+                f"spans hold {large_live}"
+            )
+        if large_bytes != self._largealloc - self._largefree:
+            raise HeapCorruption(
+                f"large bytes: stats say {self._largealloc - self._largefree}, spans {large_bytes}"
+            )
+        if h.arena_used > h.arena_start:
+            nalloc, _ = _native.bitmap_count(self._c, h.arena_start, h.arena_used - h.arena_start)
+            if nalloc != sum(live_small) + large_live:
+                raise HeapCorruption(
+                    f"bitmap has {nalloc} allocated bits for {sum(live_small) + large_live} "
+                    "live objects"
+                )
+        if self._efence is not None:
+            self._efence.check(faulted)
+        errs = self._stats_locked().identity_errors()
+        if errs:
+            raise HeapCorruption("MStats: " + "; ".join(errs))
+
+    def close(self) -> None:
+        """Unmap everything.  Later calls raise HeapClosed; closing twice is fine."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._h.close_locked()
+        _live_heaps.discard(self)
+
+    def __enter__(self) -> Heap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Address space is a resource too: give it back with the last reference.
+        try:
+            if not self._closed:
+                self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down modules
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"arena [{self.arena_start:#x}, {self.arena_end:#x})"
+        return f"<goheap.Heap {self.mode} {state}{' efence' if self._efence else ''}>"
+

@@ -1,0 +1,299 @@
+"""MSpan: a run of heap pages, and the two structures that hold spans.
+
+See goheap/malloc.py for the overview.
+
+Vocabulary:
+- *span*: ``[start, start + npages * PAGE_SIZE)``, heap-page aligned.  Its fields
+  live in a C ``gh_mspan`` struct (so the C fast path can reach a span from the
+  spans table without Python); ``MSpan`` wraps that struct and adds the page
+  heap's own bookkeeping (released OS pages, idle time).
+- ``SpanAlloc``: Go's FixAlloc for span structs, carving them from chunks of OS
+  memory charged to ``mspan_sys``.  Chunks are never given back before the heap
+  closes: the spans table may still hold stale pointers to dead structs (a free
+  span maps only its first and last page), and C must always be able to read them.
+- ``LargeFree``: the free spans of MAX_MHEAP_LIST pages or more, ordered by
+  (npages, start) for best fit with the lowest address on ties.  Go 2014 scanned
+  a list; this is a bucketed sorted list, so the search is O(log n) and an insert
+  or removal moves at most one bucket (O(sqrt n) words, memmove-fast).
+
+Invariants:
+- ``released`` holds disjoint, OS-page-aligned ranges inside the span that are
+  in the Prepared state (given back with sys_unused); ``npreleased_bytes`` is
+  their total.  Only a FREE span has released ranges.
+- A span's struct is owned by exactly one MSpan object while it is not DEAD.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from collections.abc import Iterator
+from typing import Any
+
+from goheap import _native
+from goheap.errors import throw
+from goheap.mem import SysMemory
+
+PAGE_SHIFT = _native.PAGE_SHIFT
+PAGE_SIZE = _native.PAGE_SIZE
+
+
+class SpanState(enum.IntEnum):
+    IN_USE = _native.MSPAN_IN_USE
+    FREE = _native.MSPAN_FREE
+    LIST_HEAD = _native.MSPAN_LIST_HEAD
+    DEAD = _native.MSPAN_DEAD
+    FAULTED = _native.MSPAN_FAULTED  # goheap: efence span whose object was freed
+
+
+class MSpan:
+    """One span.  Fields shared with C are properties over the struct."""
+
+    __slots__ = ("_c", "addr", "released", "unusedsince")
+
+    def __init__(self, addr: int) -> None:
+        self.addr = addr  # address of the C struct: what the spans table stores
+        self._c: Any = _native.span_at(addr)
+        self.released: list[tuple[int, int]] = []
+        self.unusedsince = 0.0
+
+    # goheap: Go reads these as struct fields; here each access goes through cffi.
+    @property
+    def start(self) -> int:
+        return int(self._c.start)
+
+    @start.setter
+    def start(self, v: int) -> None:
+        self._c.start = v
+
+    @property
+    def npages(self) -> int:
+        return int(self._c.npages)
+
+    @npages.setter
+    def npages(self, n: int) -> None:
+        self._c.npages = n
+
+    @property
+    def state(self) -> SpanState:
+        return SpanState(self._c.state)
+
+    @state.setter
+    def state(self, st: SpanState) -> None:
+        self._c.state = int(st)
+
+    @property
+    def sizeclass(self) -> int:
+        return int(self._c.sizeclass)
+
+    @sizeclass.setter
+    def sizeclass(self, cl: int) -> None:
+        self._c.sizeclass = cl
+
+    @property
+    def elemsize(self) -> int:
+        return int(self._c.elemsize)
+
+    @elemsize.setter
+    def elemsize(self, n: int) -> None:
+        self._c.elemsize = n
+
+    @property
+    def base(self) -> int:
+        return int(self._c.base)
+
+    @base.setter
+    def base(self, v: int) -> None:
+        self._c.base = v
+
+    @property
+    def limit(self) -> int:
+        return int(self._c.limit)
+
+    @limit.setter
+    def limit(self, v: int) -> None:
+        self._c.limit = v
+
+    @property
+    def ref(self) -> int:
+        return int(self._c.ref)
+
+    @ref.setter
+    def ref(self, n: int) -> None:
+        self._c.ref = n
+
+    @property
+    def nelems(self) -> int:
+        return int(self._c.nelems)
+
+    @property
+    def freelist(self) -> int:
+        return int(self._c.freelist)
+
+    @freelist.setter
+    def freelist(self, v: int) -> None:
+        self._c.freelist = v
+
+    @property
+    def incache(self) -> bool:
+        return bool(self._c.incache)
+
+    @property
+    def needzero(self) -> bool:
+        return bool(self._c.needzero)
+
+    @needzero.setter
+    def needzero(self, b: bool) -> None:
+        self._c.needzero = int(b)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._c.npages) << PAGE_SHIFT
+
+    @property
+    def end(self) -> int:
+        return int(self._c.start) + (int(self._c.npages) << PAGE_SHIFT)
+
+    @property
+    def npreleased_bytes(self) -> int:
+        return sum(n for _, n in self.released)
+
+    def handle(self) -> Any:
+        """The struct handle C functions take."""
+        return self._c
+
+    def init(self, start: int, npages: int) -> None:
+        """MSpan_Init: a fresh span covering [start, start + npages pages), state DEAD
+        until the heap says otherwise."""
+        c = self._c
+        c.start = start
+        c.npages = npages
+        c.freelist = 0
+        c.limit = 0
+        c.elemsize = 0
+        c.base = start
+        c.ref = 0
+        c.nelems = 0
+        c.state = SpanState.DEAD
+        c.sizeclass = 0
+        c.incache = 0
+        c.needzero = 0
+        self.released = []
+        self.unusedsince = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"MSpan({self.start:#x}+{self.npages}p {self.state.name} "
+            f"class={self.sizeclass} ref={self.ref})"
+        )
+
+
+class SpanAlloc:
+    """Go's FixAlloc for span structs.  The caller holds the heap lock."""
+
+    CHUNK = 64 << 10
+
+    def __init__(self, sysmem: SysMemory) -> None:
+        self.sysmem = sysmem
+        self.size = _native.SPAN_STRUCT_SIZE
+        self.chunks: list[tuple[int, int]] = []
+        self._free: list[MSpan] = []
+        self._next = 0  # next unused struct in the newest chunk
+        self._end = 0
+        self.inuse = 0  # structs handed out
+
+    def alloc(self) -> MSpan:
+        if self._free:
+            s = self._free.pop()
+        else:
+            if self._next + self.size > self._end:
+                n = self.sysmem.round_up(self.CHUNK)
+                v = self.sysmem.sys_alloc(n, "mspan_sys")
+                self.chunks.append((v, n))
+                self._next, self._end = v, v + n
+            s = MSpan(self._next)
+            self._next += self.size
+        self.inuse += 1
+        return s
+
+    def free(self, s: MSpan) -> None:
+        """Return a struct; it is marked DEAD so stale spans-table entries read as dead."""
+        s.state = SpanState.DEAD
+        s.released = []
+        self.inuse -= 1
+        self._free.append(s)
+
+    def release_all(self) -> None:
+        for v, n in self.chunks:
+            self.sysmem.sys_free(v, n, "mspan_sys")
+        self.chunks.clear()
+        self._free.clear()
+        self._next = self._end = 0
+        self.inuse = 0
+
+
+class LargeFree:
+    """Free spans of >= MAX_MHEAP_LIST pages keyed by (npages, start page).
+
+    A sorted list of sorted buckets (at most ``LOAD`` keys each) and, per
+    bucket, its largest key for the outer bisect."""
+
+    LOAD = 512
+    _SHIFT = 64  # key = npages << 64 | page number: one int compare orders both
+
+    def __init__(self) -> None:
+        self._buckets: list[list[int]] = []
+        self._maxes: list[int] = []
+        self._spans: dict[int, MSpan] = {}
+
+    @classmethod
+    def key(cls, s: MSpan) -> int:
+        return (s.npages << cls._SHIFT) | (s.start >> PAGE_SHIFT)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def __iter__(self) -> Iterator[MSpan]:
+        return iter(list(self._spans.values()))
+
+    def __contains__(self, s: MSpan) -> bool:
+        return self._spans.get(self.key(s)) is s
+
+    def insert(self, s: MSpan) -> None:
+        k = self.key(s)
+        if k in self._spans:
+            throw(f"LargeFree.insert: {s!r} already listed")
+        self._spans[k] = s
+        if not self._buckets:
+            self._buckets.append([k])
+            self._maxes.append(k)
+            return
+        i = min(bisect.bisect_left(self._maxes, k), len(self._buckets) - 1)
+        b = self._buckets[i]
+        bisect.insort(b, k)
+        self._maxes[i] = b[-1]
+        if len(b) > 2 * self.LOAD:
+            self._buckets[i : i + 1] = [b[: self.LOAD], b[self.LOAD :]]
+            self._maxes[i : i + 1] = [b[self.LOAD - 1], b[-1]]
+
+    def remove(self, s: MSpan) -> None:
+        k = self.key(s)
+        if self._spans.pop(k, None) is not s:
+            throw(f"LargeFree.remove: {s!r} is not listed")
+        i = bisect.bisect_left(self._maxes, k)
+        b = self._buckets[i]
+        del b[bisect.bisect_left(b, k)]
+        if b:
+            self._maxes[i] = b[-1]
+        else:
+            del self._buckets[i]
+            del self._maxes[i]
+
+    def best_fit(self, npages: int) -> MSpan | None:
+        """The smallest span of at least npages pages, lowest address on ties."""
+        k = npages << self._SHIFT
+        i = bisect.bisect_left(self._maxes, k)
+        if i == len(self._buckets):
+            return None
+        b = self._buckets[i]
+        return self._spans[b[bisect.bisect_left(b, k)]]
