@@ -20,7 +20,7 @@ from goheap.errors import (
     OutOfMemory,
 )
 from goheap.malloc import Heap
-from goheap.mheap import MAX_ARENA32
+from goheap.malloc import MAX_ARENA32
 from goheap.mstats import BySize, MStats
 from goheap.sizeclasses import (
     MAX_SMALL_SIZE,

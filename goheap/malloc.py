@@ -62,7 +62,7 @@ from goheap.errors import DoubleFree, HeapClosed, HeapCorruption, InvalidFree, O
 from goheap.mcache import MCache
 from goheap.mcentral import MCentral, check_span
 from goheap.mem import SysMemory
-from goheap.mheap import MHeap
+from goheap.mheap import MAX_ARENA32, MHeap
 from goheap.mspan import SpanState
 from goheap.mstats import BySize, MStats
 from goheap.sizeclasses import (
@@ -75,7 +75,7 @@ from goheap.sizeclasses import (
     size_to_class128,
 )
 
-__all__ = ["Heap"]
+__all__ = ["MAX_ARENA32", "Heap"]
 
 _STATUS_LIMIT = _native.STATUS_LIMIT
 _MISS = -_native.MISS
