@@ -321,6 +321,41 @@ class Heap:
             raise ValueError(f"view({v:#x}, {size}): the object [{base:#x}, +{n}) ends first")
         return _native.view(v, size)
 
+    def explain(self, addr: int) -> str:
+        """One line saying what addr is: a live object (base, size), a freed and
+        faulted efence object, an efence guard page, a free span, metadata, or
+        outside the heap."""
+        with self._lock:
+            if self._closed:
+                raise HeapClosed("explain on a closed heap")
+            h = self._h
+            r = _native.mheap_lookup(self._c, addr)
+            if r is not None:
+                base, n = r
+                return f"{addr:#x} is {addr - base} bytes into live object [{base:#x}, +{n})"
+            if self._efence is not None:
+                what = self._efence.explain(addr)
+                if what is not None:
+                    return what
+            if h.arena_start <= addr < h.arena_used:
+                for lo, hi in h.holes:
+                    if lo <= addr < hi:
+                        return f"{addr:#x} is in a hole the 32-bit arena skipped"
+                s = h.span_of(_native.spans_get(self._c, addr))
+                s = h.lookup(addr) or next((t for t in h.free_spans() if t.start <= addr < t.end), s)
+                if s is not None and s.state == SpanState.FREE:
+                    rel = " (released to the OS)" if s.released else ""
+                    return f"{addr:#x} is in free span [{s.start:#x}, {s.end:#x}){rel}"
+                if s is not None:
+                    return f"{addr:#x} is in span [{s.start:#x}, {s.end:#x}) but in no live object"
+            if h.spans <= addr < h.spans + h.spans_size:
+                return f"{addr:#x} is in the spans table"
+            if h.bitmap <= addr < h.arena_start:
+                return f"{addr:#x} is in the GC bitmap"
+            if h.arena_used <= addr < h.arena_end:
+                return f"{addr:#x} is reserved arena not yet in use"
+            return f"{addr:#x} is outside the heap"
+
     def stats(self) -> MStats:
         """A consistent MemStats snapshot."""
         with self._lock:
