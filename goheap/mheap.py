@@ -437,17 +437,26 @@ class MHeap:
         self._list_remove(s)
         s.state = SpanState.IN_USE  # before the split, so the tail cannot merge back
         self.heap_idle -= s.nbytes
-        if s.released:
-            for lo, n in s.released:
-                self.mem.sys_used(lo, n)
-            self.heap_released -= s.npreleased_bytes
-            s.released = []
+        # Take back the released OS pages the allocation will touch; the rest
+        # stay released in the tail split off below (an OS page straddling the
+        # cut is taken back: the allocated part owns some of it).
+        cut = round_up(s.start + (npage << PAGE_SHIFT), self.os_page_size)
+        keep: list[tuple[int, int]] = []
+        for lo, n in s.released:
+            hi = lo + n
+            if min(hi, cut) > lo:
+                self.mem.sys_used(lo, min(hi, cut) - lo)
+                self.heap_released -= min(hi, cut) - lo
+            if hi > cut:
+                keep.append((max(lo, cut), hi - max(lo, cut)))
+        s.released = []
         if s.npages > npage:
             t = self.spanalloc.alloc()
             self.spanobj[t.addr] = t
             t.init(s.start + (npage << PAGE_SHIFT), s.npages - npage)
             t.needzero = s.needzero
             t.unusedsince = s.unusedsince
+            t.released = keep
             t.state = SpanState.IN_USE
             self.heap_idle += t.nbytes
             s.npages = npage

@@ -1,0 +1,595 @@
+"""The page heap on real memory: mallocinit, the seed's realignment fixes, growth,
+spans, coalescing, scavenging, stats and check()."""
+
+from __future__ import annotations
+
+import errno
+import time
+
+import pytest
+
+import goheap
+from goheap import _native, mem
+from goheap.errors import HeapCorruption, OutOfMemory
+from goheap.mheap import (
+    ARENA32_GROW,
+    MAX_ARENA32,
+    MAX_MHEAP_LIST,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    MHeap,
+    round_up,
+)
+from goheap.mspan import SpanState
+from osview import perms_over, rss
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+REAL_PAGE = _native.os_page_size()
+PAGE_SIZES = [p for p in (REAL_PAGE, 16384, 65536) if p >= REAL_PAGE]
+PAGE_SIZES = sorted(set(PAGE_SIZES))
+
+pytestmark = pytest.mark.pagesize
+
+
+@pytest.fixture(params=PAGE_SIZES, ids=lambda p: f"os{p // 1024}k")
+def os_page(request):
+    return request.param
+
+
+@pytest.fixture
+def heap(os_page):
+    h = MHeap(mem.SysMemory(page_size=os_page), arena_size=256 * MiB)
+    yield h
+    if not h.closed:
+        with h.lock:
+            h.check_locked()
+            h.close_locked()
+
+
+def spans_entry(h: MHeap, v: int) -> int:
+    """Read the spans table straight from memory: what C sees."""
+    return _native.read_word(h.spans + ((v - h.arena_start) >> PAGE_SHIFT) * 8)
+
+
+# ---- mallocinit ------------------------------------------------------------------------
+
+
+def test_mheap_mallocinit_64bit_layout(os_page):
+    m = mem.SysMemory(page_size=os_page)
+    m.trace = []
+    h = MHeap(m, arena_size=1 * GiB)
+    try:
+        reserves = [t for t in m.trace if t[0] == "reserve"]
+        hint = reserves[-1][1]
+        assert hint & ((1 << 40) - 1) == 0x00C0 << 32  # one of Go's hints
+        p = h.reservations[0][0]
+        p_size = h.reservations[0][1]
+        unit = max(PAGE_SIZE, os_page)
+        assert p_size == 1 * GiB + GiB // 16 + GiB // PAGE_SIZE * 8 + unit
+        assert h.spans == round_up(p, unit)
+        assert h.bitmap == h.spans + GiB // PAGE_SIZE * 8
+        assert h.arena_start == h.bitmap + GiB // 16
+        assert h.arena_used == h.arena_start
+        assert h.arena_end == p + p_size  # the reservation's true end (the seed's fix)
+        assert h.arena_start % PAGE_SIZE == 0 and h.arena_start % os_page == 0
+        assert perms_over(p, p_size) == {"---p"}
+    finally:
+        with h.lock:
+            h.close_locked()
+    assert perms_over(p, p_size) == {""}
+
+
+def test_mheap_default_reservation_is_128gib_and_costs_no_rss():
+    before = rss()
+    h = goheap.Heap()
+    try:
+        assert h.arena_end - h.arena_start >= 128 * GiB
+        assert (h.arena_start >> 40) & 0xFF == 0 or h.arena_start >= 0x00C0 << 32
+        assert rss() - before < 8 * MiB
+    finally:
+        h.close()
+
+
+def test_mheap_several_heaps_get_disjoint_reservations():
+    hs = [goheap.Heap(arena_size=64 * MiB) for _ in range(4)]
+    try:
+        ranges = sorted((h.spans, h.arena_end) for h in hs)
+        for (a0, a1), (b0, _) in zip(ranges, ranges[1:]):
+            assert a1 <= b0
+        for h in hs:
+            p = h.malloc(1000)
+            h.view(p)[:4] = b"heap"
+            h.check()
+    finally:
+        for h in hs:
+            h.close()
+
+
+class MisalignedReserve(mem.SysMemory):
+    """An OS whose reservations are OS-page aligned but never heap-page aligned,
+    as a 4 KiB-page kernel may place them (the seed's bug).  Real mappings: each
+    region is carved out of a real reservation, the excess given back."""
+
+    def sys_reserve(self, hint: int, n: int, exact: bool = False) -> int:
+        if exact:
+            raise FileExistsError(errno.EEXIST, "hints refused: force the anywhere path")
+        return self.misaligned(n)
+
+    def misaligned(self, n: int, inside: tuple[int, int] | None = None) -> int:
+        ps = self.page_size
+        step = max(PAGE_SIZE, ps) * 2
+        v = super().sys_reserve(0, n + step)
+        # the first address at an odd multiple of ps that is not 8 KiB aligned
+        w = v + ps if (v + ps) % PAGE_SIZE else v + 2 * ps
+        if w % PAGE_SIZE == 0:
+            w += ps
+        assert w % ps == 0 and w % PAGE_SIZE != 0
+        if w > v:
+            super().sys_free(v, w - v, None)
+        super().sys_free(w + n, v + n + step - (w + n), None)
+        return w
+
+
+@pytest.mark.skipif(REAL_PAGE >= PAGE_SIZE, reason="needs an OS page smaller than the heap page")
+def test_mheap_mallocinit_realigns_a_misaligned_reservation():
+    m = MisalignedReserve()
+    h = MHeap(m, arena_size=64 * MiB)
+    try:
+        p, p_size = h.reservations[0]
+        assert p % PAGE_SIZE != 0
+        assert h.spans == p + (PAGE_SIZE - p % PAGE_SIZE)
+        assert h.arena_start % PAGE_SIZE == 0
+        assert h.arena_end == p + p_size  # not arena_start + arena_size
+        assert h.arena_end - h.arena_start == 64 * MiB + (p + PAGE_SIZE - h.spans)
+        with h.lock:
+            # fill the arena to its very end: the last page must be usable memory
+            spans = []
+            while True:
+                try:
+                    spans.append(h.alloc_span_locked(128))
+                except OutOfMemory:
+                    break
+            last = max(spans, key=lambda s: s.start)
+            assert last.end <= h.arena_end
+            _native.view(last.end - 8, 8)[:] = b"lastbyte"
+            h.check_locked()
+    finally:
+        with h.lock:
+            h.close_locked()
+
+
+def test_mheap_mallocinit_refuses_a_misrounded_arena(monkeypatch):
+    # If the rounding were ever lost, mallocinit must throw, not run misaligned.
+    import goheap.mheap as mh
+
+    if REAL_PAGE >= PAGE_SIZE:
+        pytest.skip("needs an OS page smaller than the heap page")
+    monkeypatch.setattr(mh, "round_up", lambda n, a: n)  # the seed's p1 rounding, undone
+    with pytest.raises(HeapCorruption, match="misrounded allocation in mallocinit"):
+        MHeap(MisalignedReserve(), arena_size=64 * MiB)
+
+
+def test_mheap_64bit_falls_back_to_32bit_under_ulimit_v():
+    from osview import run_child
+
+    proc = run_child(
+        """
+        import resource, psutil, goheap
+        vms = psutil.Process().memory_info().vms
+        lim = vms + (3 << 30)   # room for a 2 GiB window, not for 136 GiB
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+        h = goheap.Heap()
+        print("mode", h.mode)
+        ps = [h.malloc(n) for n in (8, 5000, 100000, 3 << 20)]
+        h.check()
+        for p in ps:
+            h.free(p)
+        h.check()
+        h.close()
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "mode 32bit" in proc.stdout
+
+
+# ---- 32-bit mode and MHeap_SysAlloc --------------------------------------------------------
+
+
+def test_mheap_32bit_layout_and_growth_at_arena_end(os_page):
+    h = MHeap(mem.SysMemory(page_size=os_page), mode="32bit", arena_size=16 * MiB)
+    try:
+        assert h.bitmap_size == round_up(MAX_ARENA32 // 16, h.align)
+        assert h.spans_size == round_up(MAX_ARENA32 // PAGE_SIZE * 8, h.align)
+        assert h.arena_end == h.arena_start + 16 * MiB
+        # the rest of the 2 GiB window was given back, so it is free address space
+        assert perms_over(h.arena_end, 64 * MiB) == {""}
+        end0 = h.arena_end
+        with h.lock:
+            s = h.alloc_span_locked((32 * MiB) >> PAGE_SHIFT)
+            assert h.arena_end == end0 + round_up(32 * MiB + h.align, ARENA32_GROW)
+            assert s.start >= h.arena_start and s.end <= h.arena_end
+            assert h.arena_end - h.arena_start <= MAX_ARENA32
+            h.check_locked()
+    finally:
+        with h.lock:
+            h.close_locked()
+
+
+class Window32(mem.SysMemory):
+    """Make 32-bit growth find arena_end taken, and place the region where a
+    test says (a real mapping there), 4 KiB-but-not-8 KiB aligned if asked."""
+
+    place: int | None = None  # where a non-exact reservation lands
+    alloc_at: int | None = None  # where sys_alloc lands
+    misalign = True
+
+    def sys_reserve(self, hint: int, n: int, exact: bool = False) -> int:
+        if self.place is None or hint == 0:
+            return super().sys_reserve(hint, n, exact)
+        if exact:
+            raise FileExistsError(errno.EEXIST, "arena_end is taken")
+        off = self.page_size if self.misalign and self.page_size < PAGE_SIZE else 0
+        v = super().sys_reserve(self.place + off, n, exact=True)
+        self.place = None
+        self.placed = (v, n)
+        return v
+
+    def sys_alloc(self, n: int, stat: str | None) -> int:
+        if self.alloc_at is None:
+            return super().sys_alloc(n, stat)
+        off = self.page_size if self.misalign and self.page_size < PAGE_SIZE else 0
+        v = super().sys_reserve(self.alloc_at + off, n, exact=True)
+        super().sys_map(v, n, stat)
+        self.alloc_at = None
+        return v
+
+
+def test_mheap_32bit_growth_elsewhere_inside_window_is_realigned():
+    m = Window32()
+    h = MHeap(m, mode="32bit", arena_size=8 * MiB)
+    try:
+        with h.lock:
+            h.alloc_span_locked(4)
+            used0, end0 = h.arena_used, h.arena_end
+            m.place = end0 + 64 * MiB
+            s = h.alloc_span_locked((12 * MiB) >> PAGE_SHIFT)
+            assert h.arena_used > end0  # moved to the new region
+            assert s.start % PAGE_SIZE == 0 and s.start % h.os_page_size == 0
+            assert s.start >= end0 + 64 * MiB
+            assert h.holes and h.holes[0][0] == used0
+            v, n = m.placed
+            assert v % PAGE_SIZE != 0  # the OS gave a misaligned region ...
+            assert h.arena_end == v + n  # ... whose true end becomes arena_end
+            h.check_locked()
+            # the hole is no heap: explain and coalescing stay out of it
+            t = h.alloc_span_locked(1)
+            h.free_span_locked(t)
+            h.check_locked()
+    finally:
+        with h.lock:
+            h.close_locked()
+
+
+def test_mheap_32bit_growth_outside_window_is_freed_then_sys_alloc_realigned():
+    m = Window32()
+    h = MHeap(m, mode="32bit", arena_size=8 * MiB)
+    try:
+        with h.lock:
+            h.alloc_span_locked(4)
+            end0, used0 = h.arena_end, h.arena_used
+            outside = h.arena_start + MAX_ARENA32 + 256 * MiB
+            m.place = outside  # the reservation lands past arena_start + 2 GiB
+            m.alloc_at = end0 + 32 * MiB  # the last resort lands inside, misaligned
+            s = h.alloc_span_locked((12 * MiB) >> PAGE_SHIFT)
+            assert perms_over(outside, 256 * MiB) == {""}  # the stray reservation was freed
+            assert s.start % PAGE_SIZE == 0
+            assert s.start >= end0 + 32 * MiB
+            assert h.arena_used >= s.end and h.arena_used > used0
+            h.check_locked()
+    finally:
+        with h.lock:
+            h.close_locked()
+
+
+def test_mheap_32bit_failed_reservation_changes_nothing():
+    m = mem.SysMemory()
+    h = MHeap(m, mode="32bit", arena_size=8 * MiB)
+    try:
+        with h.lock:
+            h.alloc_span_locked(4)
+            fields = (h.arena_start, h.arena_used, h.arena_end, list(h.holes))
+            m.inject("reserve", probability=1.0)
+            m.inject("alloc", probability=1.0)
+            with pytest.raises(OutOfMemory, match="out of memory"):
+                h.alloc_span_locked((64 * MiB) >> PAGE_SHIFT)
+            assert (h.arena_start, h.arena_used, h.arena_end, list(h.holes)) == fields
+            h.check_locked()
+            m.clear_injections()
+            s = h.alloc_span_locked((64 * MiB) >> PAGE_SHIFT)
+            assert s.npages == (64 * MiB) >> PAGE_SHIFT
+            h.check_locked()
+    finally:
+        with h.lock:
+            h.close_locked()
+
+
+# ---- lazy metadata --------------------------------------------------------------------
+
+
+def test_mheap_bitmap_and_spans_are_mapped_lazily_in_os_pages(heap):
+    h = heap
+    assert h.bitmap_mapped == 0 and h.spans_mapped == 0
+    with h.lock:
+        h.alloc_span_locked(1)
+    used = h.arena_used - h.arena_start
+    assert used >= 1 * MiB
+    assert h.bitmap_mapped == round_up(used // 16, h.os_page_size)
+    assert h.spans_mapped == round_up(used // PAGE_SIZE * 8, h.os_page_size)
+    assert perms_over(h.arena_start - h.bitmap_mapped, h.bitmap_mapped) == {"rw-p"}
+    assert perms_over(h.bitmap, h.arena_start - h.bitmap_mapped - h.bitmap) == {"---p"}
+    assert perms_over(h.spans, h.spans_mapped) == {"rw-p"}
+    assert h.mem.stats["gc_sys"] == h.bitmap_mapped
+    assert h.mem.stats["other_sys"] == h.spans_mapped
+
+
+# ---- the span allocator -----------------------------------------------------------------
+
+
+def test_mheap_alloc_splits_and_free_coalesces_with_both_neighbours(heap):
+    h = heap
+    with h.lock:
+        a = h.alloc_span_locked(3)
+        b = h.alloc_span_locked(5)
+        c = h.alloc_span_locked(7)
+        assert (b.start, c.start) == (a.end, b.end)  # carved in address order
+        for s in (a, b, c):
+            assert s.state == SpanState.IN_USE
+            for v in range(s.start, s.end, PAGE_SIZE):
+                assert spans_entry(h, v) == s.addr  # in-use: every page
+        h.free_span_locked(a)
+        h.free_span_locked(c)
+        h.check_locked()
+        idle_before = h.heap_idle
+        h.free_span_locked(b)  # merges with a on the left and c(+tail) on the right
+        h.check_locked()
+        free = list(h.free_spans())
+        assert len(free) == 1
+        merged = free[0]
+        assert merged.start == a.start and merged.end == h.arena_used
+        assert spans_entry(h, merged.start) == merged.addr
+        assert spans_entry(h, merged.end - PAGE_SIZE) == merged.addr
+        assert h.heap_idle == idle_before + 5 * PAGE_SIZE
+
+
+def test_mheap_exact_list_is_lifo_and_mask_tracks_it(heap):
+    h = heap
+    with h.lock:
+        spans = [h.alloc_span_locked(2) for _ in range(6)]
+        for s in spans[0:6:2]:  # free 3 non-adjacent 2-page spans
+            h.free_span_locked(s)
+        assert len(h.free[2]) == 3 and h.nonempty_mask >> 2 & 1
+        again = h.alloc_span_locked(2)
+        assert again.start == spans[4].start  # the most recently freed
+        h.check_locked()
+
+
+def test_mheap_large_best_fit_takes_smallest_then_lowest_address(heap):
+    h = heap
+    with h.lock:
+        sizes = [300, 200, 250, 200, 400]
+        spans = []
+        for n in sizes:
+            spans.append(h.alloc_span_locked(n))
+            spans.append(h.alloc_span_locked(1))  # separators keep them apart
+        for s in spans[0::2]:
+            h.free_span_locked(s)
+        h.check_locked()
+        s = h.alloc_span_locked(200)
+        assert s.start == spans[2].start  # the lower of the two 200-page spans
+        t = h.alloc_span_locked(210)
+        assert t.start == spans[4].start  # 250 is the best fit for 210
+        assert h.free[40].get(next(iter(h.free[40]), 0)) is not None  # 250-210 split to free[40]
+        h.check_locked()
+
+
+def test_mheap_grow_is_at_least_1mib_and_search_reruns(heap):
+    h = heap
+    with h.lock:
+        s = h.alloc_span_locked(1)
+        assert h.arena_used - h.arena_start == round_up(1 * MiB, h.align)
+        big = h.alloc_span_locked(129)  # more than what is left: grows again
+        assert big.npages == 129
+        assert h.arena_used - h.arena_start >= 1 * MiB + 129 * PAGE_SIZE
+        h.free_span_locked(s)
+        h.free_span_locked(big)
+        h.check_locked()
+
+
+def test_mheap_spans_table_lives_in_real_memory_readable_from_c():
+    with goheap.Heap(arena_size=64 * MiB) as h:
+        p = h.malloc(100_000)
+        entry = _native.read_word(h.spans + ((p - h.arena_start) >> PAGE_SHIFT) * 8)
+        span = _native.span_at(entry)
+        assert span.start == p and span.npages == 13
+        h.free(p)
+
+
+@pytest.mark.parametrize("n", [127, 128, 129])
+def test_mheap_list_boundary_sizes(heap, n):
+    h = heap
+    with h.lock:
+        s = h.alloc_span_locked(n)
+        sep = h.alloc_span_locked(1)
+        h.free_span_locked(s)
+        on_exact = n < MAX_MHEAP_LIST
+        assert (s.addr in h.free[n]) if on_exact else (s in h.freelarge)
+        again = h.alloc_span_locked(n)
+        assert again.start == s.start
+        h.free_span_locked(again)
+        h.free_span_locked(sep)
+        h.check_locked()
+
+
+def test_mheap_injected_growth_failures_then_recovery(os_page):
+    for prim, nth in [("map", 1), ("map", 2), ("map", 3)]:
+        m = mem.SysMemory(page_size=os_page)
+        h = MHeap(m, arena_size=64 * MiB)
+        try:
+            with h.lock:
+                a = h.alloc_span_locked(1)
+                fields = (h.arena_used, h.arena_end, h.bitmap_mapped, h.spans_mapped)
+                m.inject(prim, nth=nth)
+                try:
+                    for _ in range(3):
+                        h.alloc_span_locked(200)
+                except OutOfMemory:
+                    pass
+                else:
+                    pytest.fail(f"{prim} #{nth}: no OutOfMemory")
+                assert h.arena_used >= fields[0]
+                h.check_locked()
+                s = h.alloc_span_locked(200)
+                h.free_span_locked(s)
+                h.free_span_locked(a)
+                h.check_locked()
+        finally:
+            with h.lock:
+                h.close_locked()
+
+
+# ---- scavenging -----------------------------------------------------------------------------
+
+
+def test_mheap_scavenge_releases_whole_os_pages_and_rss_falls():
+    n = 256 * MiB
+    with goheap.Heap(arena_size=1 * GiB) as h:
+        ps = [h.malloc(1 * MiB) for _ in range(n // MiB)]
+        base = rss()
+        for p in ps:
+            v = h.view(p)
+            for off in range(0, MiB, REAL_PAGE):
+                v[off] = 1
+        touched = rss() - base
+        assert touched >= 0.9 * n
+        for p in ps:
+            h.free(p)
+        released = h.scavenge()
+        dropped = base + touched - rss()
+        assert released >= n
+        assert dropped >= 0.8 * n, (touched, dropped)
+        st = h.stats()
+        assert st.heap_released == released and st.heap_released <= st.heap_idle
+        # reuse after release: sys_used, accounting back, memory zero
+        p = h.malloc(1 * MiB)
+        assert h.view(p)[0] == 0
+        assert h.stats().heap_released == released - MiB
+        h.check()
+
+
+def test_mheap_scavenger_releases_spans_idle_longer_than_scavenge_after():
+    with goheap.Heap(arena_size=256 * MiB, scavenge_after=0.05) as h:
+        p = h.malloc(4 * MiB)
+        q = h.malloc(64 * KiB)
+        h.free(p)
+        assert h.stats().heap_released == 0  # freed just now
+        time.sleep(0.12)
+        r = h.malloc(64 * KiB)  # heap activity lets the scavenger look
+        h.free(r)
+        time.sleep(0.12)
+        h.free(h.malloc(64 * KiB))
+        assert h.stats().heap_released >= 4 * MiB
+        h.free(q)
+        h.check()
+
+
+def test_mheap_scavenge_never_releases_a_page_shared_with_a_live_span(os_page):
+    if os_page <= PAGE_SIZE:
+        pytest.skip("only bigger OS pages are shared between heap pages")
+    h = MHeap(mem.SysMemory(page_size=os_page), arena_size=64 * MiB)
+    try:
+        m = h.mem
+        m.trace = []
+        with h.lock:
+            per = os_page // PAGE_SIZE
+            # live 1 page | free 1 page | live ... : the free page shares its OS page
+            a = h.alloc_span_locked(1)
+            b = h.alloc_span_locked(1)
+            c = h.alloc_span_locked(per * 3)
+            h.free_span_locked(b)
+            got = h.scavenge_locked(float("inf"), 0)
+            for prim, v, n in m.trace:
+                if prim == "unused":
+                    assert v % os_page == 0 and n % os_page == 0
+                    assert not (v < a.end and a.start < v + n)
+                    assert not (v < c.end and c.start < v + n)
+            h.check_locked()
+            assert got % os_page == 0
+            h.free_span_locked(a)
+            h.free_span_locked(c)
+            h.check_locked()
+    finally:
+        with h.lock:
+            h.close_locked()
+
+
+# ---- stats and check ---------------------------------------------------------------------------
+
+
+def test_mheap_stats_identities_hold_throughout():
+    with goheap.Heap(arena_size=256 * MiB) as h:
+        ps = []
+        for i in range(200):
+            ps.append(h.malloc((i * 7919) % 70000))
+            st = h.stats()
+            assert not st.identity_errors()
+            assert st.sys == st.heap_sys + st.mspan_sys + st.gc_sys + st.other_sys
+        for p in ps:
+            h.free(p)
+        assert not h.stats().identity_errors()
+        assert h.stats().heap_alloc == 0
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        ("idle", "page accounting"),
+        ("free_list", "not on its free list"),
+        ("spans_table", "spans table"),
+        ("mask", "nonempty_mask"),
+    ],
+)
+def test_mheap_check_names_the_broken_invariant(heap, corrupt, message):
+    h = heap
+    with h.lock:
+        a = h.alloc_span_locked(3)
+        b = h.alloc_span_locked(4)
+        h.free_span_locked(a)
+        if corrupt == "idle":
+            h.heap_idle += PAGE_SIZE
+        elif corrupt == "free_list":
+            del h.free[3][a.addr]
+            h.nonempty_mask &= ~(1 << 3)
+        elif corrupt == "spans_table":
+            _native.spans_set(h.c, b.start + PAGE_SIZE, 1, _native.NULL_SPAN)
+        elif corrupt == "mask":
+            h.nonempty_mask |= 1 << 9
+        with pytest.raises(HeapCorruption, match=message):
+            h.check_locked()
+        h.closed = True  # the fixture must not check a heap we broke on purpose
+        h.closed = False
+        h.close_locked()
+
+
+def test_mheap_8gib_live_heap_of_1mib_spans():
+    with goheap.Heap(arena_size=16 * GiB) as h:
+        ps = [h.malloc(1 * MiB) for _ in range(8 * 1024)]
+        for p in ps:
+            h.view(p, 1)[0] = 0x7F  # one byte per span: address space, not RSS
+        st = h.stats()
+        assert st.heap_inuse >= 8 * GiB
+        assert st.heap_alloc == 8 * GiB
+        h.check()
+        for p in ps:
+            h.free(p)
+        h.check()
+        assert h.stats().heap_inuse == 0
