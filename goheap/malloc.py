@@ -204,11 +204,12 @@ class Heap:
         with self._lock:
             if self._closed:
                 raise HeapClosed("malloc on a closed heap")
-            if n > (self._h.arena_end - self._h.arena_start) or n >= 1 << 62:
-                raise OutOfMemory(
-                    f"malloc({n}): larger than the arena "
-                    f"({self._h.arena_end - self._h.arena_start} bytes)"
-                )
+            # A 32-bit arena grows (MHeap_SysAlloc) up to MAX_ARENA32, so its
+            # current reservation is not the limit there (issue 8: a 3 MiB malloc
+            # on a 2 MiB initial 32-bit arena was refused without trying).
+            limit = MAX_ARENA32 if self._h.arena32 else self._h.arena_end - self._h.arena_start
+            if n > limit or n >= 1 << 62:
+                raise OutOfMemory(f"malloc({n}): larger than the arena ({limit} bytes)")
             if self._efence is not None:
                 v, nbytes = self._efence.alloc(n, zero)
                 self._nlargealloc += 1
@@ -433,11 +434,12 @@ class Heap:
                 raise HeapCorruption(f"cached span {s!r} is also on a central list")
             small_spans.add(addr)
             live_small[cl] += check_span(h, s)
-        large_live = large_bytes = faulted = 0
+        large_live = large_bytes = faulted = faulted_spans = free_starts = 0
         for s in h.walk():
             if s.state == SpanState.IN_USE and s.sizeclass:
                 if s.addr not in small_spans:
                     raise HeapCorruption(f"small span {s!r} is neither cached nor in its mcentral")
+                free_starts += s.nelems - s.ref + (s.limit < s.end)
             elif s.state == SpanState.IN_USE:
                 if s.ref != 1 or not _native.bitmap_get(self._c, s.base) & _native.BIT_ALLOCATED:
                     raise HeapCorruption(f"large span {s!r}: object not marked allocated")
@@ -445,6 +447,7 @@ class Heap:
                 large_bytes += s.elemsize
             elif s.state == SpanState.FAULTED:
                 faulted += s.nbytes
+                faulted_spans += 1
         nm, nf = _native.mcache_counts(self._c)
         for cl in range(1, NUM_SIZE_CLASSES):
             if nm[cl] - nf[cl] != live_small[cl]:
@@ -462,11 +465,19 @@ class Heap:
                 f"large bytes: stats say {self._largealloc - self._largefree}, spans {large_bytes}"
             )
         if h.arena_used > h.arena_start:
-            nalloc, _ = _native.bitmap_count(self._c, h.arena_start, h.arena_used - h.arena_start)
+            nalloc, nbound = _native.bitmap_count(
+                self._c, h.arena_start, h.arena_used - h.arena_start
+            )
             if nalloc != sum(live_small) + large_live:
                 raise HeapCorruption(
                     f"bitmap has {nalloc} allocated bits for {sum(live_small) + large_live} "
                     "live objects"
+                )
+            if nbound != free_starts + faulted_spans:
+                raise HeapCorruption(
+                    f"bitmap has {nbound} boundary bits for {free_starts} free objects and "
+                    f"tail marks and {faulted_spans} faulted efence objects (free spans "
+                    "must carry no bits)"
                 )
         if self._efence is not None:
             self._efence.check(faulted)

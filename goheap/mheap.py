@@ -316,17 +316,24 @@ class MHeap:
         """MHeap_Grow: add at least npage pages of arena as one free span."""
         ask = max(round_up(npage, GROW_ROUND_PAGES), HEAP_ALLOC_CHUNK >> PAGE_SHIFT)
         nbytes = round_up(ask << PAGE_SHIFT, self.align)
-        v = self.sys_alloc(nbytes)
-        if v is None:
-            nbytes = round_up(npage << PAGE_SHIFT, self.align)
+        # goheap (issue 8): the span struct comes first.  If its allocation
+        # failed after the arena had grown, the new pages would belong to no span.
+        s = self.spanalloc.alloc()
+        try:
             v = self.sys_alloc(nbytes)
             if v is None:
-                raise OutOfMemory(
-                    f"out of memory: cannot allocate {npage << PAGE_SHIFT}-byte block "
-                    f"({self.heap_inuse} in use, arena [{self.arena_start:#x}, {self.arena_end:#x}))"
-                )
+                nbytes = round_up(npage << PAGE_SHIFT, self.align)
+                v = self.sys_alloc(nbytes)
+                if v is None:
+                    raise OutOfMemory(
+                        f"out of memory: cannot allocate {npage << PAGE_SHIFT}-byte block "
+                        f"({self.heap_inuse} in use, arena [{self.arena_start:#x}, "
+                        f"{self.arena_end:#x}))"
+                    )
+        except BaseException:
+            self.spanalloc.free(s)
+            raise
         # Free a fake in-use span so the new memory coalesces through the one path.
-        s = self.spanalloc.alloc()
         self.spanobj[s.addr] = s
         s.init(v, nbytes >> PAGE_SHIFT)
         s.state = SpanState.IN_USE
@@ -434,24 +441,33 @@ class MHeap:
     def _have_span(self, s: MSpan, npage: int) -> MSpan:
         if s.state != SpanState.FREE or s.npages < npage:
             throw(f"MHeap_AllocLocked - MSpan not free: {s!r}, want {npage} pages")
-        self._list_remove(s)
-        s.state = SpanState.IN_USE  # before the split, so the tail cannot merge back
-        self.heap_idle -= s.nbytes
         # Take back the released OS pages the allocation will touch; the rest
         # stay released in the tail split off below (an OS page straddling the
         # cut is taken back: the allocated part owns some of it).
         cut = round_up(s.start + (npage << PAGE_SHIFT), self.os_page_size)
+        # goheap (issue 8): what can fail (the split's span struct, sys_used) runs
+        # before s leaves its list, so OutOfMemory/OSError leaves the heap as it was.
+        t = self.spanalloc.alloc() if s.npages > npage else None
+        try:
+            for lo, n in s.released:
+                if min(lo + n, cut) > lo:
+                    self.mem.sys_used(lo, min(lo + n, cut) - lo)
+        except BaseException:
+            if t is not None:
+                self.spanalloc.free(t)
+            raise
+        self._list_remove(s)
+        s.state = SpanState.IN_USE  # before the split, so the tail cannot merge back
+        self.heap_idle -= s.nbytes
         keep: list[tuple[int, int]] = []
         for lo, n in s.released:
             hi = lo + n
             if min(hi, cut) > lo:
-                self.mem.sys_used(lo, min(hi, cut) - lo)
                 self.heap_released -= min(hi, cut) - lo
             if hi > cut:
                 keep.append((max(lo, cut), hi - max(lo, cut)))
         s.released = []
-        if s.npages > npage:
-            t = self.spanalloc.alloc()
+        if t is not None:
             self.spanobj[t.addr] = t
             t.init(s.start + (npage << PAGE_SHIFT), s.npages - npage)
             t.needzero = s.needzero
@@ -527,7 +543,13 @@ class MHeap:
         now = self.clock()
         if now >= self.next_scavenge:
             self.next_scavenge = now + self._scavenge_tick()
-            self.scavenge_locked(now, self.scavenge_after)
+            try:
+                self.scavenge_locked(now, self.scavenge_after)
+            except (OSError, OutOfMemory):
+                # goheap (issue 8): background scavenging is advice.  A failed
+                # sys_unused leaves that span unreleased (_release records only
+                # success) and the next tick tries again; malloc/free go on.
+                pass
 
     def free_spans(self) -> Iterator[MSpan]:
         for d in self.free:
