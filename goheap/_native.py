@@ -115,6 +115,12 @@ def sys_free(v: int, n: int, pagesize: int) -> None:
     ensure(lib.ghpy_sys_free(v, n, pagesize), "sys_free", n, v)
 
 
+def install_fault_reporter() -> None:
+    """SIGSEGV/SIGBUS print "goheap: SIGSEGV at 0x<address>" to stderr, then the
+    process dies of the signal as before (efence diagnosis; for child processes)."""
+    ensure(lib.gh_fault_reporter_install(), "fault_reporter_install")
+
+
 def gil_held_in_call() -> bool:
     """For testing: whether a hot C call still holds the GIL (build_ffi.py)."""
     return bool(lib.ghpy_gil_held())

@@ -138,4 +138,7 @@ int gh_mcache_swap(gh_mheap *h, uint32_t cl, gh_mspan *s, uintptr_t *old);
 int gh_mcache_counts(gh_mheap *h, uint64_t *nmalloc, uint64_t *nfree);
 int gh_memclr(uintptr_t v, uintptr_t n);
 
+/* ---- fault reporter (efence diagnosis) ------------------------------------ */
+int gh_fault_reporter_install(void);  /* SIGSEGV/SIGBUS: print si_addr, then die */
+
 #endif
