@@ -20,7 +20,7 @@ from goheap.errors import (
     OutOfMemory,
 )
 from goheap.malloc import Heap
-from goheap.malloc import MAX_ARENA32
+from goheap.malloc import MAX_ARENA32, TRACEMALLOC_DOMAIN, Block, enable_tracemalloc
 from goheap.mstats import BySize, MStats
 from goheap.sizeclasses import (
     MAX_SMALL_SIZE,
@@ -39,6 +39,8 @@ __all__ = [
     "NUM_SIZE_CLASSES",
     "PAGE_SHIFT",
     "PAGE_SIZE",
+    "TRACEMALLOC_DOMAIN",
+    "Block",
     "BySize",
     "DoubleFree",
     "Heap",
@@ -50,6 +52,7 @@ __all__ = [
     "OutOfMemory",
     "class_to_allocnpages",
     "class_to_size",
+    "enable_tracemalloc",
     "roundupsize",
     "size_to_class",
 ]

@@ -56,7 +56,8 @@ import threading
 import weakref
 from typing import Any
 
-from goheap import _native
+from goheap import _native, mtrace
+from goheap.block import Block, new_block, new_ndarray
 from goheap.efence import EFence
 from goheap.errors import DoubleFree, HeapClosed, HeapCorruption, InvalidFree, OutOfMemory
 from goheap.mcache import MCache
@@ -75,7 +76,9 @@ from goheap.sizeclasses import (
     size_to_class128,
 )
 
-__all__ = ["MAX_ARENA32", "Heap"]
+__all__ = ["MAX_ARENA32", "TRACEMALLOC_DOMAIN", "Block", "Heap", "enable_tracemalloc"]
+
+TRACEMALLOC_DOMAIN = mtrace.TRACEMALLOC_DOMAIN
 
 _STATUS_LIMIT = _native.STATUS_LIMIT
 _MISS = -_native.MISS
@@ -102,6 +105,17 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def enable_tracemalloc() -> None:
+    """Report every heap's malloc and free to tracemalloc under
+    TRACEMALLOC_DOMAIN from now on: the heaps alive now and every heap created
+    later, as if each had been made with ``Heap(trace=True)``.  tracemalloc
+    itself must be tracing (``tracemalloc.start(3)``) for traces to appear."""
+    mtrace.enabled = True
+    for h in list(_live_heaps):
+        if not h._closed:
+            mtrace.install(h)
+
+
 class Heap:
     """A Go-style heap on its own reservation of address space.
 
@@ -113,6 +127,8 @@ class Heap:
     ``align``, ``quarantine``: efence options (see efence.py).
     ``scavenge_after``: seconds a free span waits before its pages go back to the
     OS.  ``sysmem``: the OS layer (tests pass a wrapped or simulated one).
+    ``trace``: report every malloc/free to tracemalloc under TRACEMALLOC_DOMAIN
+    (mtrace.py; also on when ``enable_tracemalloc()`` ran); costs nothing when off.
     """
 
     def __init__(
@@ -126,6 +142,7 @@ class Heap:
         align: int = 16,
         quarantine: int | None = None,
         sysmem: SysMemory | None = None,
+        trace: bool = False,
     ) -> None:
         if efence is None:
             efence = os.environ.get("GOHEAP_EFENCE", "") not in ("", "0")
@@ -144,6 +161,8 @@ class Heap:
         self._largefree = 0
         self._closed = False
         _live_heaps.add(self)
+        if trace or mtrace.enabled:
+            mtrace.install(self)  # instance-level wrappers: the class methods stay untraced
 
     def _init_tables(self) -> None:
         c = self._c
@@ -269,6 +288,9 @@ class Heap:
             raise TypeError(f"free() takes an int address, not {type(v).__name__}")
         if st == _EARG:
             raise HeapClosed("free on a closed heap")
+        if st == _EINVALID and self._efence is not None and v & 7:
+            with self._lock:  # efence align < 8: objects C cannot see (efence.py)
+                st = self._efence.free_unaligned(v)
         if st == _EDOUBLE:
             raise DoubleFree(f"free({v:#x}): double free of an object")
         if st == _EINVALID:
@@ -280,6 +302,8 @@ class Heap:
             if st & _FREED_LARGE:
                 s = h.lookup(v)
                 if s is None or s.sizeclass != 0 or s.base != v:
+                    if self._efence is not None and self._efence.refuse_word_free(s, v):
+                        raise InvalidFree(f"free({v:#x}): not the start of a live object")
                     raise HeapCorruption(f"free({v:#x}): bitmap says large object, span {s!r}")
                 if self._efence is not None:
                     self._efence.free(s)  # on failure the object stays live
@@ -292,6 +316,19 @@ class Heap:
             s = h.lookup(v)
             if s is not None:
                 self._central[s.sizeclass].reconcile(s)
+
+    # ---- Python-facing objects (block.py) ------------------------------------------------
+
+    def alloc(self, size: int) -> Block:
+        """A Block owning a new zeroed object of ``size`` bytes: a buffer
+        (memoryview, bytes, NumPy) freed by ``Block.free()``, ``with``, or when
+        the Block is garbage collected."""
+        return new_block(self, size)
+
+    def ndarray(self, shape: int | tuple[int, ...], dtype: Any = float) -> Any:
+        """A zeroed NumPy array of ``shape`` and ``dtype`` on one goheap object,
+        freed when the array and every view of it are gone.  Needs NumPy."""
+        return new_ndarray(self, shape, dtype)
 
     # ---- queries -----------------------------------------------------------------------
 
@@ -356,6 +393,17 @@ class Heap:
             if h.arena_used <= addr < h.arena_end:
                 return f"{addr:#x} is reserved arena not yet in use"
             return f"{addr:#x} is outside the heap"
+
+    def _spans_snapshot(self) -> list[tuple[int, int, str, int, int, int, int]]:
+        """For tools (heapmap.py), read-only: every span in address order as
+        (start, npages, state name, sizeclass, ref, nelems, released bytes)."""
+        with self._lock:
+            if self._closed:
+                raise HeapClosed("_spans_snapshot on a closed heap")
+            return [
+                (s.start, s.npages, s.state.name, s.sizeclass, s.ref, s.nelems, s.npreleased_bytes)
+                for s in self._h.walk()
+            ]
 
     def stats(self) -> MStats:
         """A consistent MemStats snapshot."""
@@ -441,8 +489,11 @@ class Heap:
                     raise HeapCorruption(f"small span {s!r} is neither cached nor in its mcentral")
                 free_starts += s.nelems - s.ref + (s.limit < s.end)
             elif s.state == SpanState.IN_USE:
-                if s.ref != 1 or not _native.bitmap_get(self._c, s.base) & _native.BIT_ALLOCATED:
+                base_word = s.base & ~7  # efence align < 8: the word holding the start
+                if s.ref != 1 or not _native.bitmap_get(self._c, base_word) & _native.BIT_ALLOCATED:
                     raise HeapCorruption(f"large span {s!r}: object not marked allocated")
+                if self._efence is not None:
+                    self._efence.check_live(s)
                 large_live += 1
                 large_bytes += s.elemsize
             elif s.state == SpanState.FAULTED:

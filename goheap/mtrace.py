@@ -1,0 +1,101 @@
+"""mtrace: goheap's objects in Python's tracemalloc.  See goheap/malloc.py for the overview.
+
+Vocabulary: a *domain* is tracemalloc's name space for addresses (0 is Python's
+own allocator); goheap reports under TRACEMALLOC_DOMAIN, so its objects never
+collide with Python's and one ``tracemalloc.DomainFilter`` selects them.
+
+How: ``install(heap)`` gives that one heap instance-level ``malloc``/``free``/
+``close`` that call the stable C API ``PyTraceMalloc_Track``/``Untrack`` through
+``ctypes.pythonapi`` (which holds the GIL, as those functions require).  The
+class methods are untouched, so a heap that is not traced runs exactly the code
+it ran before: tracing costs nothing when off.  Both calls are no-ops while
+tracemalloc is not tracing, so a traced heap may outlive ``tracemalloc.stop()``.
+
+Sizes: each trace carries the object's usable size (its class size, or its
+span for a large object), so the traces of a heap add up to
+``stats().heap_alloc``, Go's figure.
+
+Frames: tracemalloc records the Python frames that are running when
+``PyTraceMalloc_Track`` is called, innermost first; the innermost is goheap's
+own wrapper (this file), and the next ones are the caller's.  With
+``tracemalloc.start(1)`` every goheap trace would name this file, so
+``install`` asks for nothing and ``allocation_site`` (and README) say: start
+tracemalloc with at least 3 frames, and take the first frame outside goheap.
+
+Invariant: ``live`` holds exactly the addresses of this heap that were tracked
+and not yet untracked; ``close`` untracks them, so a closed heap leaves no
+traces behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import tracemalloc
+from typing import Any
+
+# "goh" in ASCII: any number tracemalloc is not using would do (0 is Python's
+# allocator, numpy uses 389047); it only has to be the same in every process.
+TRACEMALLOC_DOMAIN = 0x676F68
+
+_track = ctypes.pythonapi.PyTraceMalloc_Track
+_track.argtypes = (ctypes.c_uint, ctypes.c_size_t, ctypes.c_size_t)
+_track.restype = ctypes.c_int
+_untrack = ctypes.pythonapi.PyTraceMalloc_Untrack
+_untrack.argtypes = (ctypes.c_uint, ctypes.c_size_t)
+_untrack.restype = ctypes.c_int
+
+# Set by malloc.enable_tracemalloc(): heaps created afterwards trace too.
+enabled = False
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def install(heap: Any) -> None:
+    """Make ``heap`` report every malloc and free to tracemalloc.  Idempotent.
+    Objects allocated before this call are not traced (their frees untrack
+    nothing, which tracemalloc allows)."""
+    if "malloc" in vars(heap):
+        return
+    malloc, free, close, usable_size = heap.malloc, heap.free, heap.close, heap.usable_size
+    live: set[int] = set()
+    domain = TRACEMALLOC_DOMAIN
+
+    def traced_malloc(size: int, zero: bool = True) -> int:
+        v = malloc(size, zero)
+        _track(domain, v, usable_size(v))
+        live.add(v)
+        return v
+
+    def traced_free(v: int) -> None:
+        free(v)  # raises on a bad address: then nothing is untracked
+        if v in live:
+            live.discard(v)
+            _untrack(domain, v)
+
+    def traced_close() -> None:
+        close()
+        for v in live:
+            _untrack(domain, v)
+        live.clear()
+
+    traced_malloc.__doc__ = malloc.__doc__
+    traced_free.__doc__ = free.__doc__
+    traced_close.__doc__ = close.__doc__
+    heap.malloc, heap.free, heap.close = traced_malloc, traced_free, traced_close
+    heap._trace_live = live  # for tests: what this heap has tracked
+
+
+def is_installed(heap: Any) -> bool:
+    """Whether ``install(heap)`` has run."""
+    return "malloc" in vars(heap)
+
+
+def allocation_site(traceback: tracemalloc.Traceback) -> tracemalloc.Frame | None:
+    """The innermost frame of ``traceback`` outside the goheap package: the
+    Python line that asked for the object.  None if tracemalloc kept too few
+    frames to reach it (start it with 3 or more: ``tracemalloc.start(3)``)."""
+    for frame in reversed(traceback):  # Traceback is oldest first; walk innermost first
+        if not os.path.abspath(frame.filename).startswith(_PACKAGE_DIR):
+            return frame
+    return None
