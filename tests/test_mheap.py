@@ -228,10 +228,17 @@ class Window32(mem.SysMemory):
             return super().sys_reserve(hint, n, exact)
         if exact:
             raise FileExistsError(errno.EEXIST, "arena_end is taken")
-        if self.place == -1:  # wherever the kernel puts it: below us, outside the window
+        if self.place < 0:  # somewhere free above arena_start + 2 GiB: outside the window
+            above = -self.place
             self.place = None
-            self.placed = (super().sys_reserve(0, n), n)
-            return self.placed[0]
+            for k in range(64):
+                try:
+                    v = super().sys_reserve(above + k * GiB, n, exact=True)
+                except FileExistsError:
+                    continue
+                self.placed = (v, n)
+                return v
+            raise FileExistsError(errno.EEXIST, "no free range above the window")
         off = self.page_size if self.misalign and self.page_size < PAGE_SIZE else 0
         v = super().sys_reserve(self.place + off, n, exact=True)
         self.place = None
@@ -281,7 +288,7 @@ def test_mheap_32bit_growth_outside_window_is_freed_then_sys_alloc_realigned():
         with h.lock:
             h.alloc_span_locked(4)
             end0, used0 = h.arena_end, h.arena_used
-            m.place = -1  # the reservation lands outside [arena_start, arena_start + 2 GiB)
+            m.place = -(h.arena_start + MAX_ARENA32)  # the reservation lands outside [arena_start, arena_start + 2 GiB)
             m.alloc_at = end0 + 32 * MiB  # the last resort lands inside, misaligned
             s = h.alloc_span_locked((12 * MiB) >> PAGE_SHIFT)
             v, n = m.placed
