@@ -21,6 +21,8 @@ The buffer protocol, and why there are two implementations:
   is an instance of a per-size subclass of ``ctypes.c_ubyte * size`` placed on
   the object's address (``from_address``: no copy), so ``memoryview(block)`` and
   ``numpy.frombuffer(block)`` work, zero-copy, with ctypes as the exporter.
+  ctypes spells the format "<B", which NumPy reads but memoryview will not
+  index: use ``memoryview(block).cast("B")``, or ``block.view`` (format "B").
   ctypes does not count exports, so here ``free()`` cannot see a live view: a
   memoryview or array taken from a Block and kept past ``free()`` points at
   freed memory, and ``memoryview(block)`` after ``free()`` is not caught.

@@ -1,0 +1,165 @@
+"""Blocks: the buffer protocol on real goheap memory, NumPy, and lifetimes (block.py)."""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+
+import pytest
+
+import goheap
+from goheap import block as block_mod
+
+np = pytest.importorskip("numpy")
+
+
+@pytest.fixture
+def heap():
+    with goheap.Heap(arena_size=1 << 30) as h:
+        yield h
+        h.check()
+
+
+def test_block_buffer_is_the_object_zero_copy(heap):
+    b = heap.alloc(100)
+    assert b.size == len(b) == 100 and heap.usable_size(b.addr) == 112
+    m = memoryview(b)
+    assert m.nbytes == 100 and not m.readonly
+    if not block_mod.PEP688:
+        assert m.format == "<B"  # ctypes' spelling: memoryview indexes only native formats
+        m = m.cast("B")
+    m[:5] = b"hello"  # through the exported buffer ...
+    assert heap.view(b.addr, 5).tobytes() == b"hello"  # ... into the heap object itself
+    assert bytes(b)[:6] == b"hello\0" and b[1] == ord("e") and b[0:3] == b"hel"
+    b[95:] = b"world"
+    assert bytes(heap.view(b.addr))[95:100] == b"world"
+    del m
+
+
+def test_block_numpy_frombuffer_round_trip(heap):
+    b = heap.alloc(8 * 16)
+    a = np.frombuffer(b, dtype=np.float64)
+    a[:] = np.arange(16)
+    assert a.ctypes.data == b.addr  # zero-copy: the array's data is the goheap object
+    raw = heap.view(b.addr).tobytes()[: 8 * 16]
+    assert np.array_equal(np.frombuffer(raw, dtype=np.float64), np.arange(16))
+
+
+def test_block_ndarray_lives_on_the_heap_and_keeps_the_object_alive(heap):
+    before = heap.stats()
+    a = heap.ndarray((3, 4), np.int32)
+    assert a.shape == (3, 4) and a.dtype == np.int32 and not a.any()
+    a[...] = np.arange(12).reshape(3, 4)
+    base, size = heap.lookup(a.ctypes.data)
+    assert base == a.ctypes.data and size >= 48
+    row = a[1]  # a view: keeps the object alive after `a` is gone
+    del a
+    gc.collect()
+    assert heap.stats().heap_objects == before.heap_objects + 1
+    assert list(row) == [4, 5, 6, 7]
+    del row
+    gc.collect()
+    after = heap.stats()
+    assert after.heap_objects == before.heap_objects and after.frees == before.frees + 1
+
+
+def test_block_ndarray_zero_size_and_bad_shape(heap):
+    assert heap.ndarray(0).size == 0
+    with pytest.raises(ValueError):
+        heap.ndarray((2, -1))
+
+
+def test_block_gc_frees_exactly_once(heap):
+    frees = heap.stats().frees
+    b = heap.alloc(5000)
+    addr = b.addr
+    del b
+    gc.collect()
+    assert heap.stats().frees == frees + 1
+    assert heap.lookup(addr) is None
+    gc.collect()
+    assert heap.stats().frees == frees + 1
+
+
+def test_block_explicit_free_then_gc_never_double_frees(heap):
+    frees = heap.stats().frees
+    b = heap.alloc(64)
+    b.free()
+    b.free()  # repeatable, like file.close()
+    assert b.freed
+    del b
+    gc.collect()
+    assert heap.stats().frees == frees + 1
+
+
+def test_block_context_manager_frees_at_exit(heap):
+    frees = heap.stats().frees
+    with heap.alloc(200_000) as b:  # a large object
+        b[0] = 7
+        addr = b.addr
+    assert b.freed and heap.lookup(addr) is None
+    assert heap.stats().frees == frees + 1
+
+
+@pytest.mark.parametrize("op", ["bytes", "index", "slice", "assign", "len", "view", "addr", "with"])
+def test_block_freed_raises_before_touching_memory(heap, op):
+    b = heap.alloc(32)
+    b.free()
+    ops = {
+        "bytes": lambda: bytes(b),
+        "index": lambda: b[0],
+        "slice": lambda: b[0:4],
+        "assign": lambda: b.__setitem__(0, 1),
+        "len": lambda: len(b),
+        "view": lambda: b.view,
+        "addr": lambda: b.addr,
+        "with": lambda: b.__enter__(),
+    }
+    with pytest.raises(ValueError, match="freed goheap.Block"):
+        ops[op]()
+
+
+def test_block_after_heap_close_raises(heap):
+    h = goheap.Heap(arena_size=1 << 28)
+    b = h.alloc(16)
+    h.close()
+    with pytest.raises(goheap.HeapClosed):
+        bytes(b)
+    del b
+    gc.collect()  # the finalizer meets a closed heap and stays quiet
+
+
+def test_block_pep688_exports_block_free(heap):
+    # Python >= 3.12 calls these for memoryview(block); here they are called the
+    # way the interpreter would, so the export bookkeeping is tested on 3.11 too.
+    b = heap.alloc(48)
+    mv = b.__buffer__(0)
+    with pytest.raises(BufferError, match="1 exported"):
+        b.free()
+    assert not b.freed and heap.lookup(b.addr) is not None
+    b.__release_buffer__(mv)
+    b.free()
+    with pytest.raises(ValueError):
+        b.__buffer__(0)
+
+
+@pytest.mark.skipif(block_mod.PEP688, reason="the ctypes exporter is used before 3.12 only")
+def test_block_ctypes_exporter_is_the_object(heap):
+    import ctypes
+
+    b = heap.alloc(24)
+    assert isinstance(b, goheap.Block) and isinstance(b, ctypes.Array)
+    assert ctypes.addressof(b) == b.addr
+
+
+def test_block_ndarray_without_numpy_says_so(tmp_path):
+    # A child where `import numpy` fails: the message must name the fix.
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "import goheap\n"
+        "h = goheap.Heap(arena_size=1 << 28)\n"
+        "try:\n    h.ndarray(4)\nexcept ImportError as e:\n    print('IMPORTERROR', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "IMPORTERROR" in out.stdout and "pip install numpy" in out.stdout
