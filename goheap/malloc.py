@@ -109,7 +109,7 @@ def enable_tracemalloc() -> None:
     """Report every heap's malloc and free to tracemalloc under
     TRACEMALLOC_DOMAIN from now on: the heaps alive now and every heap created
     later, as if each had been made with ``Heap(trace=True)``.  tracemalloc
-    itself must be tracing (``tracemalloc.start(3)``) for traces to appear."""
+    itself must be tracing (``tracemalloc.start(8)``: see mtrace.py on frames)."""
     mtrace.enabled = True
     for h in list(_live_heaps):
         if not h._closed:

@@ -16,11 +16,14 @@ span for a large object), so the traces of a heap add up to
 ``stats().heap_alloc``, Go's figure.
 
 Frames: tracemalloc records the Python frames that are running when
-``PyTraceMalloc_Track`` is called, innermost first; the innermost is goheap's
-own wrapper (this file), and the next ones are the caller's.  With
-``tracemalloc.start(1)`` every goheap trace would name this file, so
-``install`` asks for nothing and ``allocation_site`` (and README) say: start
-tracemalloc with at least 3 frames, and take the first frame outside goheap.
+``PyTraceMalloc_Track`` is called; the innermost is always goheap's own
+wrapper (this file), because only a C caller could call it from the user's
+frame and the C core never calls Python.  So with ``tracemalloc.start(1)``
+every goheap trace names this file, and ``statistics("lineno")`` groups them
+all on one line.  Start tracemalloc with enough frames to reach the caller
+(``malloc``: 2, ``Heap.alloc``: 4, ``Heap.ndarray``: 5; ``tracemalloc.start(8)``
+is comfortable) and ask ``allocation_site(trace.traceback)`` for the first
+frame outside goheap.
 
 Invariant: ``live`` holds exactly the addresses of this heap that were tracked
 and not yet untracked; ``close`` untracks them, so a closed heap leaves no
@@ -94,7 +97,7 @@ def is_installed(heap: Any) -> bool:
 def allocation_site(traceback: tracemalloc.Traceback) -> tracemalloc.Frame | None:
     """The innermost frame of ``traceback`` outside the goheap package: the
     Python line that asked for the object.  None if tracemalloc kept too few
-    frames to reach it (start it with 3 or more: ``tracemalloc.start(3)``)."""
+    frames to reach it (see the module docstring: ``tracemalloc.start(8)``)."""
     for frame in reversed(traceback):  # Traceback is oldest first; walk innermost first
         if not os.path.abspath(frame.filename).startswith(_PACKAGE_DIR):
             return frame
