@@ -135,7 +135,7 @@ def cmd_map(args: argparse.Namespace) -> int:
 def cmd_classes(args: argparse.Namespace) -> int:
     rows = sizeclasses.class_table()
     if args.json:
-        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        print(json.dumps([r._asdict() for r in rows], indent=2))
         return 0
     print(
         f"{len(rows) + 1} size classes (class 0 = large, > {goheap.MAX_SMALL_SIZE} B) "

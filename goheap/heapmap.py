@@ -6,7 +6,7 @@ cell shows the span covering its first page.  Only ``[arena_start, arena_used)``
 is drawn: the rest of the reservation is address space with nothing in it.
 
 What a cell can be (text character / PNG colour):
-- ``#`` large object span (dark blue)
+- ``#`` large object span (orange)
 - ``0-9a-zA-Z...`` small-object span, its size class as a character of DIGITS (1 = ``0``, 11 = ``a``) (a colour
   from the class colormap: small classes dark, large classes light)
 - ``.`` free span, pages still backed (light grey)
@@ -166,7 +166,8 @@ class ArenaMap:
         from matplotlib.patches import Patch
 
         kind, occ = self.rgba(width)
-        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 2 + 0.16 * kind.shape[0] * 2 + 1.5))
+        # A fixed canvas, so pictures of different heaps compare pixel for pixel.
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6))
         cell_kib = (self.pages_per_cell << PAGE_SHIFT) // 1024
         ax1.imshow(kind, interpolation="nearest", aspect="auto")
         ax1.set_title(
@@ -182,7 +183,7 @@ class ArenaMap:
         mid = colormaps["viridis"]
         legend = [
             Patch(color=mid(0.2), label="small span (colour = size class)"),
-            Patch(color=(0.05, 0.1, 0.45), label="large object"),
+            Patch(color=(0.95, 0.55, 0.1), label="large object"),
             Patch(color=(0.8, 0.8, 0.8), label="free"),
             Patch(facecolor=(1, 1, 1), edgecolor="k", label="free, released to OS"),
             Patch(color=(0.85, 0.1, 0.1), label="efence: freed, faulted"),
