@@ -145,7 +145,7 @@ class ArenaMap:
                 kind[i] = (0.85, 0.1, 0.1, 1)
                 occ[i] = kind[i]
             elif state == "IN_USE" and cl == 0:
-                kind[i] = (0.05, 0.1, 0.45, 1)
+                kind[i] = (0.95, 0.55, 0.1, 1)
                 occ[i] = fill(0.35 + 0.6 * min(ref, 1))
             elif state == "IN_USE":
                 kind[i] = classes(0.15 + 0.85 * cl / (NUM_SIZE_CLASSES - 1))
