@@ -45,6 +45,13 @@ C_PEERS = {
 C_PEER_INDEX = {"cffi-libc": 0, **{name: spec[0] for name, spec in C_PEERS.items()}}
 APT_HINT = "apt-get install -y libjemalloc2 libmimalloc2.0 libtcmalloc-minimal4"
 
+RELEASE_LABEL = {  # what bp_release() calls for each C peer
+    "libc": "malloc_trim(0)",
+    "jemalloc": 'mallctl("arena.4096.purge")',
+    "mimalloc": "mi_collect(true)",
+    "tcmalloc": "MallocExtension_ReleaseFreeMemory()",
+}
+
 OS_PAGE = mmap.PAGESIZE
 REFERENCE = "cffi-libc"
 
@@ -59,6 +66,7 @@ class Peer:
     touch: str  # statement writing one byte in each OS page of `p` (size `s`, step `pg`)
     ns: dict[str, Any] = field(default_factory=dict)
     release: str | None = None  # statement handing freed memory back to the OS, if the peer has one
+    release_label: str = ""  # what that statement calls, for the table
     before: Callable[[], None] | None = None  # run before each timed run (pyarrow: pick the pool)
     min_size: int = 0  # smallest size the peer is meant for (mmap: large sizes only)
     kind: str = "python"  # "c" for the cffi-table peers, "goheap", "python"
@@ -150,6 +158,7 @@ def _c_peer(mod: Any, name: str) -> Peer:
         ns={"malloc": getattr(lib, f"bp_{short}_malloc"), "free": getattr(lib, f"bp_{short}_free"),
             "touch": lib.bp_touch_addr, "release_": lib.bp_release, "idx": idx},
         release="release_(idx)",
+        release_label=RELEASE_LABEL[short],
         kind="c",
         note="glibc malloc/free through cffi API mode (the reference)" if short == "libc"
         else f"{short} from Debian's shared library, dlopen RTLD_LOCAL, same call shape",

@@ -66,7 +66,10 @@ TARGET_FLAT = 1.5  # (d) slowest / fastest goheap cost from 1 MiB to 4 GiB live
 class Config:
     quick: bool
     repeats: int
-    sample_ns: int  # how long one timed sample of a calibrated loop should last
+    # How long one timed sample of a calibrated loop should last. Short samples and many
+    # repeats: the two samples a ratio pairs are then close in time, so a burst of load from
+    # another process on this shared machine is less likely to hit one and not the other.
+    sample_ns: int
     batch_n: int
     batch_repeats: int
     cache_n: int
@@ -81,10 +84,10 @@ class Config:
     @classmethod
     def make(cls, quick: bool, repeats: int | None) -> Config:
         if quick:
-            return cls(quick, repeats or 3, 4_000_000, 100_000, repeats or 3, 1000, 100,
+            return cls(quick, repeats or 5, 2_000_000, 100_000, repeats or 3, 1000, 100,
                        (8, 64, 512, 4096, 32768, MiB), (64 * KiB, MiB, 16 * MiB),
                        (MiB, 16 * MiB, 256 * MiB), (10, 100, 1000, 10_000), 256 * MiB)
-        return cls(quick, repeats or 7, 15_000_000, 100_000, repeats or 5, 1000, 100,
+        return cls(quick, repeats or 15, 5_000_000, 100_000, repeats or 5, 1000, 100,
                    (8, 64, 512, 4096, 32768, MiB), (64 * KiB, 256 * KiB, MiB, 4 * MiB, 16 * MiB),
                    (MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, GiB, 4 * GiB),
                    (10, 100, 1000, 10_000, 100_000), GiB)
@@ -296,7 +299,7 @@ def find_cdata(root: Any, ffi: Any, cname: str, depth: int = 3) -> int | None:
             continue
         seen.add(id(obj))
         if isinstance(obj, ffi.CData):
-            if ffi.typeof(obj).cname == cname:
+            if ffi.typeof(obj).cname.replace("struct ", "") == cname.replace("struct ", ""):
                 return int(ffi.cast("uintptr_t", obj))
             continue
         if d < depth:
@@ -342,7 +345,7 @@ class Bench:
             "a": len(c.rt_sizes) * c.repeats,
             "b": c.batch_repeats + c.repeats,
             "c": len(c.large_sizes) * c.repeats,
-            "d": 2 * len(c.live_sizes) * c.repeats + len(c.free_spans) * c.repeats,
+            "d": (2 * len(c.live_sizes) + 2 + len(c.free_spans)) * c.repeats,
             "e": len(self.peers) - 1,
             "f": 5 * c.repeats,
             "g": (len(c.rt_sizes) + 1) * c.repeats + c.batch_repeats,
@@ -454,6 +457,7 @@ class Bench:
             self.note(f"(d) scaling: goheap skipped ({self.goheap_skip}); peers measured alone")
         self.scaling_live_heap()
         if self.heap is not None:
+            self.scaling_flat()
             self.scaling_free_spans()
         else:
             self.target(f"(d) flat within {TARGET_FLAT}x, 1 MiB..4 GiB live", "d", None,
@@ -513,16 +517,45 @@ class Bench:
         wl["d_batch"] = {"title": f"(d) {c.cache_n} random objects x 10 passes as the live heap "
                                   "grows", "unit": "ns per object", "cases": cases_batch,
                          "x": list(c.live_sizes)}
-        if self.heap is None:
-            return
-        for key in ("d_rt", "d_batch"):
-            meds = [case["rows"]["goheap"]["median"] for case in wl[key]["cases"]]
+
+    def scaling_flat(self) -> None:
+        """The flatness target, measured so that drift cannot fake a slope: one goheap heap per
+        live size, all alive at once, and every repeat samples all of them (and cffi-libc) in a
+        shuffled order. The lockstep curves above cannot do that for the peers, whose heap is
+        the process's own and only grows."""
+        import goheap
+
+        c = self.cfg
+        bsizes, border = random_batch(c.cache_n, c.seed + 1)
+        heaps, rt, batch = [], {}, {}
+        try:
+            for target in c.live_sizes:
+                heap = goheap.Heap()
+                heaps.append(heap)
+                peer = P.goheap_peers(self.mod, heap)[0]
+                self.grow(peer, [], [0, 0], random.Random(c.seed), target)
+                rt[fmt_size(target)] = round_trip_runner(peer, 64)
+                batch[fmt_size(target)] = batch_runner(peer, bsizes, border)
+            rt[REF] = round_trip_runner(self.by_name[REF], 64)
+            batch[REF] = batch_runner(self.by_name[REF], bsizes, border)
+            count = calibrate(rt[fmt_size(c.live_sizes[0])], c.sample_ns)
+            cases = [self.measure("d 64 B round trip", rt, (REF,), count=count),
+                     self.measure(f"d {c.cache_n:,} random x 10", batch, (REF,), ops=c.cache_n,
+                                  count=10)]
+        finally:
+            for heap in heaps:
+                heap.close()
+        self.results["workloads"]["d_flat"] = {
+            "title": "(d) goheap, one heap per live size, all sizes interleaved in every repeat",
+            "unit": "ns per op", "cases": cases, "x": list(c.live_sizes)}
+        span = f"{fmt_size(c.live_sizes[0])}..{fmt_size(c.live_sizes[-1])}"
+        for case in cases:
+            meds = [case["rows"][fmt_size(x)]["median"] for x in c.live_sizes]
             flat = max(meds) / min(meds)
-            span = f"{fmt_size(c.live_sizes[0])}..{fmt_size(c.live_sizes[-1])}"
-            self.target(f"(d) {key[2:]} flat within {TARGET_FLAT}x, 1 MiB..4 GiB live", "d",
-                        flat, TARGET_FLAT, f"slowest/fastest goheap median over {span}",
-                        flat <= TARGET_FLAT,
-                        "quick run: stops at 256 MiB" if c.quick else "")
+            self.target(f"(d) {case['case']} flat within {TARGET_FLAT}x, 1 MiB..4 GiB", "d",
+                        flat, TARGET_FLAT, f"slowest/fastest goheap median over {span} live",
+                        flat <= TARGET_FLAT, "quick run: stops at 256 MiB" if c.quick else "")
+
     def scaling_free_spans(self) -> None:
         """Large malloc+free with n free spans of >= 128 pages in the heap (the structure Go 2014
         searched linearly; goheap's best fit is O(log n)). Free spans of 128..135 pages are kept
@@ -803,7 +836,8 @@ def rss_child(name: str, total: int) -> None:
     proc = psutil.Process()
     block = 64 * KiB
     gc.collect()
-    out: dict[str, Any] = {"peer": name, "bytes": total, "block": block, "release": peer.release}
+    out: dict[str, Any] = {"peer": name, "bytes": total, "block": block,
+                           "release": peer.release_label or peer.release}
     out["rss_before"] = proc.memory_info().rss
     t = time.perf_counter()
     ps = ns["fill"](total // block, block, P.OS_PAGE)
@@ -907,7 +941,7 @@ def print_case_table(wl: dict[str, Any], ratio_key: str = "ratio") -> None:
 
 def print_table(results: dict[str, Any]) -> None:
     wls = results["workloads"]
-    for key in ("a", "b", "c", "d_rt", "d_batch", "d_spans", "f", "g"):
+    for key in ("a", "b", "c", "d_rt", "d_batch", "d_flat", "d_spans", "f", "g"):
         if key in wls and wls[key]["cases"]:
             print_case_table(wls[key])
     if "d_spans" in wls and wls["d_spans"]["cases"]:
@@ -956,12 +990,13 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     rows = (panels + 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(16, 4.6 * rows), squeeze=False)
     flat = [ax for row in axes for ax in row]
-    cmap = plt.get_cmap("tab20")
+    palette = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]
     all_names: list[str] = []
     for k in bar_keys + line_keys:
         for case in wls[k]["cases"]:
-            all_names += [n for n in case["rows"] if n not in all_names]
-    color = {n: cmap(i % 20) for i, n in enumerate(all_names)}
+            all_names += [n for n in case["rows"] if n not in all_names and "goheap" not in n]
+    color: dict[str, Any] = {n: palette[i % len(palette)] for i, n in enumerate(all_names)}
+    color.update({"goheap": "black", "goheap zero=False": "dimgray", "goheap efence": "crimson"})
     i = 0
     for k in bar_keys:
         ax = flat[i]
@@ -994,8 +1029,15 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
                    if n in c["rows"]]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n,
                     color=color.get(n), linewidth=2.5 if n.startswith("goheap") else 1.2)
+        interleaved = wls.get("d_flat")
+        if interleaved and k in ("d_rt", "d_batch"):
+            case = interleaved["cases"][0 if k == "d_rt" else 1]
+            ax.plot(interleaved["x"],
+                    [case["rows"][fmt_size(x)]["median"] for x in interleaved["x"]],
+                    linestyle="--", marker="s", color="black",
+                    label="goheap, one heap per size, interleaved")
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.set_ylim(bottom=0)  # linear from zero: flat must look flat, a rise must show
         ax.set_xlabel("free spans" if k == "d_spans" else "live heap (bytes)")
         ax.set_ylabel(wl["unit"])
         ax.set_title(wl["title"], fontsize=9)
@@ -1024,17 +1066,61 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     return None
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The README's summary of a results file: targets, then every ratio to the reference."""
+    m = results.get("machine", {})
+    out = [f"Run of {results.get('date', '?')} at commit {m.get('git_commit', '?')[:10]} "
+           f"({'quick' if results['config']['quick'] else 'full'}; {m.get('cpu', '?')}, "
+           f"{m.get('cpus', '?')} CPUs, Python {m.get('python', '?').split()[0]}).", "",
+           "| target | measured | limit | status |", "|---|---|---|---|"]
+    for t in results["targets"]:
+        v = t["value"]
+        shown = "n/a" if v is None else (f"{v:+.1%}" if t["workload"] == "e" else f"{v:.2f}x")
+        limit = f"{t['limit']:.0%}" if t["workload"] == "e" else f"{t['limit']}x"
+        out.append(f"| {t['target']} | {shown} | {limit} | {t['status']} |")
+    for key in ("a", "b", "c", "d_flat", "f", "g"):
+        wl = results["workloads"].get(key)
+        if not wl or not wl["cases"]:
+            continue
+        ref = "C-loop glibc" if key == "g" else "cffi-libc"
+        out += ["", f"**{wl['title']}**: median, ratio to {ref}", "",
+                "| | " + " | ".join(c["case"] for c in wl["cases"]) + " |",
+                "|---" * (len(wl["cases"]) + 1) + "|"]
+        names: list[str] = []
+        for case in wl["cases"]:
+            names += [n for n in case["rows"] if n not in names]
+        for n in names:
+            cells = [f"{fmt_ns(c['rows'][n]['median'])} {c['rows'][n]['ratio']:.2f}x"
+                     if n in c["rows"] else "-" for c in wl["cases"]]
+            out.append(f"| {n} | " + " | ".join(cells) + " |")
+    e = results["workloads"].get("e")
+    if e and e["rows"]:
+        out += ["", f"**{e['title']}** (MiB)", "",
+                "| | before | allocated | freed | released | release call |",
+                "|---|---|---|---|---|---|"]
+        for n, r in e["rows"].items():
+            out.append(f"| {n} | {r['rss_before'] / MiB:.1f} | {r['rss_allocated'] / MiB:.1f} | "
+                       f"{r['rss_freed'] / MiB:.1f} | {r['rss_released'] / MiB:.1f} | "
+                       f"{r['release'] or '-'} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="about 30 s instead of about 5 min")
     ap.add_argument("--only", type=lambda s: set(s.split(",")),
                     help="comma-separated workloads among a,b,c,d,e,f,g")
-    ap.add_argument("--repeats", type=int, help="repeats per case (default 7, quick 3)")
+    ap.add_argument("--repeats", type=int, help="repeats per case (default 15, quick 5)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for latest.json/png")
+    ap.add_argument("--markdown", type=Path, metavar="JSON",
+                    help="print the README summary of a results file and exit")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     ap.add_argument("--rss-bytes", type=int, default=GiB, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     P.ensure_static_tls()
     if args.rss_child:
         rss_child(args.rss_child, args.rss_bytes)
