@@ -7,8 +7,12 @@ Two lists, as Go's: ``nonempty`` (spans with at least one free object) and
 fast path owns its free list.  New spans come from MHeap in
 ``class_to_allocnpages`` pages and are carved in C (objects in address order,
 linked through word 0, each start marked *boundary* in the bitmap).  A span
-whose objects are all free goes back to MHeap, so it can coalesce and be
-scavenged.
+whose objects are all free stays on ``nonempty``, ready to be cached again
+without carving, until MHeap needs pages (``reclaim``, called before the heap
+grows, by the scavenger tick and by ``Heap.scavenge``): then it goes back to
+MHeap, so it can coalesce and be scavenged.  This is Go's MHeap_Reclaim step:
+in Go 2014 such spans waited for the sweeper; returning each at its last free
+made a free-everything-then-allocate-again workload re-carve every span.
 
 The C free path changes an uncached span's free list without this lock and
 reports what changed (goheap/_sys.c ``gh_mcache_free``); ``reconcile`` then
@@ -56,10 +60,16 @@ class MCentral:
         self.empty.pop(s.addr, None)
         self._place(s)
 
-    def _place(self, s: MSpan) -> None:
-        if s.ref == 0:
+    def reclaim(self) -> int:
+        """Give every uncached span with no live object back to MHeap."""
+        done = [s for s in self.nonempty.values() if s.ref == 0 and not s.incache]
+        for s in done:
+            del self.nonempty[s.addr]
             self.return_to_heap(s)
-        elif s.freelist:
+        return len(done)
+
+    def _place(self, s: MSpan) -> None:
+        if s.freelist:
             self.nonempty[s.addr] = s
         else:
             self.empty[s.addr] = s

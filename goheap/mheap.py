@@ -110,6 +110,9 @@ class MHeap:
         self.reservations: list[tuple[int, int]] = []  # what close() unmaps
         self.holes: list[tuple[int, int]] = []  # 32-bit: skipped ranges, sorted
         self.closed = False
+        # Set by the object layer: gives fully free small spans back to the heap,
+        # returning how many (called before growing and by the scavenger tick).
+        self.reclaim: Callable[[], int] | None = None
         self.mode = mode
         self.spans_mapped = 0
         self.bitmap_mapped = 0
@@ -252,9 +255,11 @@ class MHeap:
             # Someone lives at arena_end: ask anywhere, as Go's SysReserve hint did.
             try:
                 p = self.mem.sys_reserve(self.arena_end, p_size)
-            except OSError:
+            except (OSError, OutOfMemory):
                 return
-        except OSError:
+        except (OSError, OutOfMemory):
+            # goheap (issue 8): ENOMEM (OutOfMemory) too: sys_alloc may still
+            # find the n bytes that a 256 MiB reservation could not.
             return
         self.reservations.append((p, p_size))
         if p == self.arena_end:
@@ -263,8 +268,11 @@ class MHeap:
             # Keep everything heap-page and OS-page aligned: our pages are
             # bigger than the OS's.  The rest of the old reservation is abandoned.
             start = round_up(p, self.align)
-            self._add_hole(self.arena_used, start)
+            # goheap (issue 8): map first, record the hole after, so a failed
+            # metadata map leaves no hole beyond arena_used.
+            old_used = self.arena_used
             self._extend_used(start)
+            self._add_hole(old_used, start)
             self.arena_end = p + p_size
         else:
             # goheap: Go also accepted a region below arena_used here, which moved
@@ -276,7 +284,7 @@ class MHeap:
         p_size = round_up(n, self.align) + self.align
         try:
             p = self.mem.sys_alloc(p_size, "other_sys")
-        except OSError:
+        except (OSError, OutOfMemory):
             return None
         if p < self.arena_start or p + p_size - self.arena_start >= MAX_ARENA32:
             self.mem.sys_free(p, p_size, "other_sys")
@@ -383,6 +391,8 @@ class MHeap:
             throw(f"alloc_span_locked: npage {npage}")
         self._maybe_scavenge()
         s = self._find(npage)
+        if s is None and self.reclaim is not None and self.reclaim():
+            s = self._find(npage)  # Go's MHeap_Reclaim: empty small spans came back
         if s is None:
             self.grow(npage)
             # goheap: Go searched only freelarge again, missing a small grow.
@@ -543,6 +553,8 @@ class MHeap:
         now = self.clock()
         if now >= self.next_scavenge:
             self.next_scavenge = now + self._scavenge_tick()
+            if self.reclaim is not None:
+                self.reclaim()
             try:
                 self.scavenge_locked(now, self.scavenge_after)
             except (OSError, OutOfMemory):
@@ -605,11 +617,14 @@ class MHeap:
             raise HeapClosed("heap is closed")
         inuse = idle = released = nfree = 0
         prev_free = False
+        prev_end = 0
         for s in self.walk():
             if s.end > self.arena_used:
                 raise HeapCorruption(f"span {s!r} runs past arena_used {self.arena_used:#x}")
             if s.state == SpanState.FREE:
-                if prev_free:
+                # goheap (issue 8): only a free neighbour that touches s should
+                # have coalesced; walk() skips 32-bit holes, which separate spans.
+                if prev_free and prev_end == s.start:
                     raise HeapCorruption(f"free span {s!r} follows another free span")
                 listed = (
                     self.free[s.npages].get(s.addr) is s
@@ -637,6 +652,7 @@ class MHeap:
             else:
                 raise HeapCorruption(f"span {s!r} in the arena has state {s.state.name}")
             prev_free = s.state == SpanState.FREE
+            prev_end = s.end
         listed = sum(len(d) for d in self.free) + len(self.freelarge)
         if listed != nfree:
             raise HeapCorruption(f"free lists hold {listed} spans, the arena {nfree}")
@@ -685,11 +701,22 @@ class MHeap:
         self.mem.stats["heap_sys"] -= self.heap_sys
         self.mem.stats["gc_sys"] -= self.bitmap_mapped
         self.mem.stats["other_sys"] -= self.spans_mapped + self.slack_sys
+        # goheap (issue 8): a failed sys_free must not leak everything after
+        # it: free what can be freed, then report the first failure.
+        err: BaseException | None = None
         for v, n in self.reservations:
-            self.mem.sys_free(v, n, None)
+            try:
+                self.mem.sys_free(v, n, None)
+            except (OSError, OutOfMemory) as e:
+                err = err or e
         self.reservations.clear()
-        self.spanalloc.release_all()
+        try:
+            self.spanalloc.release_all()
+        except (OSError, OutOfMemory) as e:
+            err = err or e
         self.spanobj.clear()
         self.free = [{} for _ in range(MAX_MHEAP_LIST)]
         self.freelarge = LargeFree()
         self.nonempty_mask = 0
+        if err is not None:
+            raise err

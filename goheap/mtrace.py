@@ -5,10 +5,10 @@ own allocator); goheap reports under TRACEMALLOC_DOMAIN, so its objects never
 collide with Python's and one ``tracemalloc.DomainFilter`` selects them.
 
 How: ``install(heap)`` gives that one heap instance-level ``malloc``/``free``/
-``close`` that call the stable C API ``PyTraceMalloc_Track``/``Untrack`` through
-``ctypes.pythonapi`` (which holds the GIL, as those functions require).  The
-class methods are untouched, so a heap that is not traced runs exactly the code
-it ran before: tracing costs nothing when off.  Both calls are no-ops while
+``close`` that wrap the ones it had and call the stable C API
+``PyTraceMalloc_Track``/``Untrack`` through ``ctypes.pythonapi`` (which holds
+the GIL, as those functions require).  Nothing else changes, so a heap that is
+not traced runs exactly the code it ran before: tracing costs nothing when off.  Both calls are no-ops while
 tracemalloc is not tracing, so a traced heap may outlive ``tracemalloc.stop()``.
 
 Sizes: each trace carries the object's usable size (its class size, or its
@@ -58,8 +58,9 @@ def install(heap: Any) -> None:
     """Make ``heap`` report every malloc and free to tracemalloc.  Idempotent.
     Objects allocated before this call are not traced (their frees untrack
     nothing, which tracemalloc allows)."""
-    if "malloc" in vars(heap):
+    if getattr(heap, "_traced", False):
         return
+    heap._traced = True
     malloc, free, close, usable_size = heap.malloc, heap.free, heap.close, heap.usable_size
     live: set[int] = set()
     domain = TRACEMALLOC_DOMAIN
@@ -91,7 +92,7 @@ def install(heap: Any) -> None:
 
 def is_installed(heap: Any) -> bool:
     """Whether ``install(heap)`` has run."""
-    return "malloc" in vars(heap)
+    return "_trace_live" in vars(heap)
 
 
 def allocation_site(traceback: tracemalloc.Traceback) -> tracemalloc.Frame | None:
