@@ -19,8 +19,7 @@ from goheap.errors import (
     InvalidFree,
     OutOfMemory,
 )
-from goheap.malloc import Heap
-from goheap.malloc import MAX_ARENA32, TRACEMALLOC_DOMAIN, Block, enable_tracemalloc
+from goheap.malloc import MAX_ARENA32, TRACEMALLOC_DOMAIN, Block, Heap, enable_tracemalloc
 from goheap.mstats import BySize, MStats
 from goheap.sizeclasses import (
     MAX_SMALL_SIZE,

@@ -38,7 +38,7 @@ import functools
 import math
 import sys
 import weakref
-from typing import Any
+from typing import Any, cast
 
 PEP688 = sys.version_info >= (3, 12)
 
@@ -48,7 +48,7 @@ def _free_quietly(heap: Any, v: int) -> None:
     # memory is gone, nothing to free) and there is nobody to raise to.
     try:
         heap.free(v)
-    except Exception:  # noqa: BLE001 - a finalizer must not raise
+    except Exception:
         pass
 
 
@@ -127,12 +127,12 @@ class Block:
     def __buffer__(self, flags: int) -> memoryview:
         """PEP 688 export: refused once freed; counted until released."""
         v = self.view
-        self._exports += 1
+        self._exports += 1  # type: ignore[misc]  # slots live in the concrete class
         return v
 
     def __release_buffer__(self, view: memoryview) -> None:
         """PEP 688: the consumer is done with an export."""
-        self._exports -= 1
+        self._exports -= 1  # type: ignore[misc]
         view.release()
 
     # ---- freeing -------------------------------------------------------------------------
@@ -213,4 +213,4 @@ def new_ndarray(heap: Any, shape: int | tuple[int, ...], dtype: Any) -> Any:
     if count < 0 or any(d < 0 for d in shape):
         raise ValueError(f"negative dimensions are not allowed: {shape}")
     b = new_block(heap, count * dt.itemsize)
-    return np.frombuffer(b, dtype=dt, count=count).reshape(shape)
+    return np.frombuffer(cast(Any, b), dtype=dt, count=count).reshape(shape)

@@ -50,8 +50,10 @@ def workload(
     rng = random.Random(seed)
     live = []
     for i in progress(range(objects), objects, "malloc"):
-        n = rng.randint(SMALL_MAX + 1, LARGE_MAX) if rng.random() * 100 < large_pct else (
-            int(rng.expovariate(1 / 256)) % SMALL_MAX
+        n = (
+            rng.randint(SMALL_MAX + 1, LARGE_MAX)
+            if rng.random() * 100 < large_pct
+            else (int(rng.expovariate(1 / 256)) % SMALL_MAX)
         )
         v = h.malloc(n)
         if free_every and i % free_every == free_every - 1:
@@ -94,7 +96,11 @@ def stats_table(st: goheap.MStats) -> str:
         if f.name == "by_size":
             continue
         x = getattr(st, f.name)
-        mib = f"  ({x / (1 << 20):.2f} MiB)" if f.name.endswith(("alloc", "sys", "idle", "inuse", "released", "faulted")) else ""
+        mib = (
+            f"  ({x / (1 << 20):.2f} MiB)"
+            if f.name.endswith(("alloc", "sys", "idle", "inuse", "released", "faulted"))
+            else ""
+        )
         lines.append(f"{f.name:<16} {x:>14}{mib}")
     lines.append(f"\n{'class':>5} {'size':>6} {'mallocs':>9} {'frees':>9}  (by_size, classes used)")
     for cl, b in enumerate(st.by_size):

@@ -12,10 +12,9 @@ present); and a map of the arena.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
-
-import importlib.util
 
 import psutil
 
@@ -63,7 +62,9 @@ def tour_primitives(out: object = sys.stdout) -> None:
         buf[off] = 1
     print(f"touched every page: RSS {_rss_mib():.1f} MiB")
     m.sys_unused(v, 16 << 20)
-    print(f"sys_unused(16 MiB): pages back to the OS: RSS {_rss_mib():.1f} MiB, byte 0 reads {buf[0]}")
+    print(
+        f"sys_unused(16 MiB): pages back to the OS: RSS {_rss_mib():.1f} MiB, byte 0 reads {buf[0]}"
+    )
     m.sys_used(v, 16 << 20)
     m.sys_fault(v, ps)
     print("\nsys_fault(first page): inaccessible, any touch would fault (efence uses this):")
@@ -82,15 +83,25 @@ def tour_mallocinit() -> goheap.Heap:
     section("mallocinit: one reservation [spans | bitmap | arena]")
     h = goheap.Heap()
     st = h.stats()
-    print(f"Heap() reserved {_mib(h.arena_end - h.spans)} of address space; RSS {_rss_mib():.1f} MiB.")
-    print(f"  spans       {h.spans:#x}  one 8-byte entry per arena page ({_mib(h.bitmap - h.spans)})")
+    print(
+        f"Heap() reserved {_mib(h.arena_end - h.spans)} of address space; RSS {_rss_mib():.1f} MiB."
+    )
+    print(
+        f"  spans       {h.spans:#x}  one 8-byte entry per arena page ({_mib(h.bitmap - h.spans)})"
+    )
     print(f"  bitmap      {h.bitmap:#x}  4 bits per arena word, read backwards from arena_start")
     print(f"  arena_start {h.arena_start:#x}  first byte objects may use")
     print(f"  arena_used  {h.arena_used:#x}  end of the mapped part (nothing mapped yet)")
     print(f"  arena_end   {h.arena_end:#x}  end of the reservation itself")
-    print(f"arena_start % 8192 = {h.arena_start % 8192}: the OS aligns a reservation only to its own")
-    print(f"{h.os_page_size}-byte page, so mallocinit rounds the start up to the 8 KiB heap page and")
-    print(f"keeps arena_end at the reservation's true end ({h.arena_end - h.arena_start:#x} bytes of")
+    print(
+        f"arena_start % 8192 = {h.arena_start % 8192}: the OS aligns a reservation only to its own"
+    )
+    print(
+        f"{h.os_page_size}-byte page, so mallocinit rounds the start up to the 8 KiB heap page and"
+    )
+    print(
+        f"keeps arena_end at the reservation's true end ({h.arena_end - h.arena_start:#x} bytes of"
+    )
     print("arena, one heap page more than asked): the seed commit's fix.  Mapped metadata so far:")
     print(f"gc_sys {st.gc_sys} B, other_sys {st.other_sys} B, heap_sys {st.heap_sys} B.")
     print("\n".join(_maps_lines(h.spans, h.arena_end - h.spans)))
@@ -110,7 +121,9 @@ def tour_objects(h: goheap.Heap) -> None:
     for n in (8, 100, 1000, 32768, 100_000):
         v = h.malloc(n)
         cl = goheap.size_to_class(n)
-        what = f"class {cl} ({goheap.class_to_size[cl]} B)" if n <= goheap.MAX_SMALL_SIZE else "large"
+        what = (
+            f"class {cl} ({goheap.class_to_size[cl]} B)" if n <= goheap.MAX_SMALL_SIZE else "large"
+        )
         print(f"malloc({n:>6}) -> {v:#x}  {what}, usable {h.usable_size(v)}")
         print(f"{'':17}{_span_line(h, v)}")
     print(f"arena_used moved to {h.arena_used:#x}: the heap grew by at least 1 MiB at a time.")
@@ -122,38 +135,54 @@ def tour_scavenge(h: goheap.Heap) -> None:
     for v in vs:
         h.view(v)[:: h.os_page_size] = b"\1" * ((1 << 20) // h.os_page_size)
     st = h.stats()
-    print(f"64 x 1 MiB live, every page touched: heap_inuse {_mib(st.heap_inuse)}, RSS {_rss_mib():.1f} MiB")
+    print(
+        f"64 x 1 MiB live, every page touched: heap_inuse {_mib(st.heap_inuse)}, RSS {_rss_mib():.1f} MiB"
+    )
     for v in vs:
         h.free(v)
     st = h.stats()
-    print(f"all freed: heap_idle {_mib(st.heap_idle)}, heap_released {_mib(st.heap_released)}, "
-          f"RSS {_rss_mib():.1f} MiB (free spans keep their pages)")
+    print(
+        f"all freed: heap_idle {_mib(st.heap_idle)}, heap_released {_mib(st.heap_released)}, "
+        f"RSS {_rss_mib():.1f} MiB (free spans keep their pages)"
+    )
     released = h.scavenge()
     st = h.stats()
-    print(f"scavenge() released {_mib(released)}: heap_released {_mib(st.heap_released)}, "
-          f"RSS {_rss_mib():.1f} MiB")
-    print("heap_sys = heap_inuse + heap_idle always; heap_idle - heap_released is what RSS can still hold.")
+    print(
+        f"scavenge() released {_mib(released)}: heap_released {_mib(st.heap_released)}, "
+        f"RSS {_rss_mib():.1f} MiB"
+    )
+    print(
+        "heap_sys = heap_inuse + heap_idle always; heap_idle - heap_released is what RSS can still hold."
+    )
 
 
 def tour_32bit() -> None:
     section("32-bit mode: a 2 GiB window, growth by MHeap_SysAlloc")
     with goheap.Heap(mode="32bit", arena_size=64 << 20) as h:
-        print(f"Heap(mode='32bit', arena_size=64 MiB): arena [{h.arena_start:#x}, {h.arena_end:#x}) "
-              f"= {_mib(h.arena_end - h.arena_start)}")
+        print(
+            f"Heap(mode='32bit', arena_size=64 MiB): arena [{h.arena_start:#x}, {h.arena_end:#x}) "
+            f"= {_mib(h.arena_end - h.arena_start)}"
+        )
         for _ in range(12):
             end = h.arena_end
             h.malloc(8 << 20)
             if h.arena_end != end:
-                print(f"  after {_mib(h.arena_used - h.arena_start)} used: arena_end {end:#x} -> "
-                      f"{h.arena_end:#x} (+{_mib(h.arena_end - end)}, reserved right above)")
-        print(f"arena_end - arena_start = {_mib(h.arena_end - h.arena_start)}, "
-              f"at most {_mib(goheap.MAX_ARENA32)}.")
+                print(
+                    f"  after {_mib(h.arena_used - h.arena_start)} used: arena_end {end:#x} -> "
+                    f"{h.arena_end:#x} (+{_mib(h.arena_end - end)}, reserved right above)"
+                )
+        print(
+            f"arena_end - arena_start = {_mib(h.arena_end - h.arena_start)}, "
+            f"at most {_mib(goheap.MAX_ARENA32)}."
+        )
 
 
 def tour_efence() -> None:
     section("efence: use-after-free and overruns caught (child processes)")
     if importlib.util.find_spec("goheap.efence_demo") is None:
-        print("TODO(efence_demo): goheap/efence_demo.py is not in this checkout yet; nothing shown.")
+        print(
+            "TODO(efence_demo): goheap/efence_demo.py is not in this checkout yet; nothing shown."
+        )
         return
     from goheap import efence_demo  # type: ignore[attr-defined]
 

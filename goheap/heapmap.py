@@ -90,7 +90,9 @@ class ArenaMap:
             f"{cell_bytes // 1024} KiB"
         ]
         for i in range(0, len(chars), width):
-            lines.append(f"{self.arena_start + i * cell_bytes:#14x} |{''.join(chars[i : i + width])}|")
+            lines.append(
+                f"{self.arena_start + i * cell_bytes:#14x} |{''.join(chars[i : i + width])}|"
+            )
         lines.append(
             f"legend: {LARGE} large  0-9a-z.. small class (DIGITS)  {FREE} free  "
             f"{RELEASED} released  {FAULTED} efence faulted  ' ' hole"
@@ -176,7 +178,9 @@ class ArenaMap:
             f"cell = {cell_kib} KiB, {width} cells per row"
         )
         ax2.imshow(occ, interpolation="nearest", aspect="auto")
-        ax2.set_title("live objects per in-use span (bitmap 'allocated' bits): dark = few, light = full")
+        ax2.set_title(
+            "live objects per in-use span (bitmap 'allocated' bits): dark = few, light = full"
+        )
         for ax in (ax1, ax2):
             ax.set_xticks([])
             ax.set_yticks([])
@@ -189,8 +193,9 @@ class ArenaMap:
             Patch(color=(0.85, 0.1, 0.1), label="efence: freed, faulted"),
             Patch(color=(0, 0, 0), label="hole / not mapped"),
         ]
-        ax1.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=3, fontsize=8)
+        ax1.legend(
+            handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=3, fontsize=8
+        )
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
-

@@ -116,7 +116,7 @@ def test_block_freed_raises_before_touching_memory(heap, op):
         "addr": lambda: b.addr,
         "with": lambda: b.__enter__(),
     }
-    with pytest.raises(ValueError, match="freed goheap.Block"):
+    with pytest.raises(ValueError, match=r"freed goheap\.Block"):
         ops[op]()
 
 
