@@ -110,6 +110,7 @@ def stats_table(st: goheap.MStats) -> str:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    """``stats``: run the workload, print its MemStats (table or JSON)."""
     with _heap_from(args) as h:
         _run_workload(args, h)
         st = h.stats()
@@ -124,6 +125,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
+    """``map``: run the workload (unless --empty), print the text map, write --png."""
     with _heap_from(args) as h:
         if not args.empty:
             _run_workload(args, h)
@@ -139,6 +141,7 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 
 def cmd_classes(args: argparse.Namespace) -> int:
+    """``classes``: the size-class table with tail and worst-case waste."""
     rows = sizeclasses.class_table()
     if args.json:
         print(json.dumps([r._asdict() for r in rows], indent=2))
@@ -159,6 +162,7 @@ def cmd_classes(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``demo``: the narrated tour (demo.py)."""
     from goheap import demo
 
     return demo.main([])

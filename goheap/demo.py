@@ -39,10 +39,12 @@ def _rss_mib() -> float:
 
 
 def section(title: str) -> None:
+    """Print a section banner."""
     print(f"\n== {title} " + "=" * max(0, 66 - len(title)))
 
 
 def tour_primitives(out: object = sys.stdout) -> None:
+    """The OS layer's primitives on a 64 MiB reservation, with /proc/self/maps and RSS."""
     m = mem.SysMemory()
     ps = m.page_size
     section("The OS layer")
@@ -117,6 +119,7 @@ def _span_line(h: goheap.Heap, v: int) -> str:
 
 
 def tour_objects(h: goheap.Heap) -> None:
+    """Small and large objects: their classes, usable sizes and spans."""
     section("Small and large objects")
     for n in (8, 100, 1000, 32768, 100_000):
         v = h.malloc(n)
@@ -130,6 +133,7 @@ def tour_objects(h: goheap.Heap) -> None:
 
 
 def tour_scavenge(h: goheap.Heap) -> None:
+    """64 MiB touched, freed, then scavenged: MemStats and RSS at each step."""
     section("MemStats and RSS, before and after a scavenge")
     vs = [h.malloc(1 << 20) for _ in range(64)]
     for v in vs:
@@ -157,6 +161,7 @@ def tour_scavenge(h: goheap.Heap) -> None:
 
 
 def tour_32bit() -> None:
+    """A 32-bit mode heap growing its arena upward, reservation by reservation."""
     section("32-bit mode: a 2 GiB window, growth by MHeap_SysAlloc")
     with goheap.Heap(mode="32bit", arena_size=64 << 20) as h:
         print(
@@ -178,6 +183,7 @@ def tour_32bit() -> None:
 
 
 def tour_efence() -> None:
+    """efence in child processes (efence_demo.tour), when that module exists."""
     section("efence: use-after-free and overruns caught (child processes)")
     if importlib.util.find_spec("goheap.efence_demo") is None:
         print(
@@ -190,6 +196,7 @@ def tour_efence() -> None:
 
 
 def tour_map(h: goheap.Heap) -> None:
+    """The text map of the tour's heap."""
     section("The arena (python -m goheap map --png FILE draws it)")
     print(heapmap.ArenaMap(h, max_cells=256).text())
 
