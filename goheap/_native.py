@@ -33,8 +33,6 @@ MISS: int = lib.GH_MISS
 EINVALID: int = lib.GH_EINVALID
 EDOUBLE: int = lib.GH_EDOUBLE
 ECORRUPT: int = lib.GH_ECORRUPT
-FREED_NOW_NONEMPTY: int = lib.GH_FREED_NOW_NONEMPTY
-FREED_NOW_EMPTY: int = lib.GH_FREED_NOW_EMPTY
 FREED_LARGE: int = lib.GH_FREED_LARGE
 MSPAN_IN_USE: int = lib.GH_MSPAN_IN_USE
 MSPAN_FREE: int = lib.GH_MSPAN_FREE
@@ -241,6 +239,27 @@ def mcache_swap(h: Any, cl: int, s: Any) -> int:
     out = ffi.new("uintptr_t *")
     ensure(lib.gh_mcache_swap(h, cl, s, out), "mcache_swap", cl)
     return int(out[0])
+
+
+def mcentral_take_empty(h: Any, cl: int, max_n: int = 256) -> list[int]:
+    """Unlink up to max_n spans of class cl with no live object from the C
+    nonempty list; their struct addresses."""
+    out = ffi.new("uintptr_t[]", max_n)
+    n = ffi.new("uintptr_t *")
+    ensure(lib.gh_mcentral_take_empty(h, cl, out, max_n, n), "mcentral_take_empty", cl)
+    return [int(out[i]) for i in range(n[0])]
+
+
+def mcentral_list(h: Any, cl: int, max_n: int) -> list[int] | None:
+    """The struct addresses on class cl's nonempty list, or None if it is
+    longer than max_n (a cycle)."""
+    out = ffi.new("uintptr_t[]", max(max_n, 1))
+    n = ffi.new("uintptr_t *")
+    st = lib.gh_mcentral_list(h, cl, out, max_n, n)
+    if st == ECORRUPT:
+        return None
+    ensure(st, "mcentral_list", cl)
+    return [int(out[i]) for i in range(n[0])]
 
 
 def mcache_counts(h: Any) -> tuple[list[int], list[int]]:

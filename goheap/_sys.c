@@ -553,12 +553,85 @@ int gh_mspan_check(gh_mheap *h, gh_mspan *s, uint32_t *nfree, uint32_t *what)
 }
 
 /* ------------------------------------------------------------------------
+ * MCentral nonempty lists
+ *
+ * Per class, the uncached spans that have a free object, doubly linked
+ * through the spans themselves (Go's MSpanList).  They live in C so that the
+ * fast path can move a span between cache and list without Python: a free
+ * into a full uncached span links it, a cache miss takes the head.  Python
+ * (mcentral.py) decides everything else: when to carve a new span, when a
+ * span with no live object goes back to MHeap.  Caller holds h->lock.
+ * ------------------------------------------------------------------------ */
+
+static inline void nonempty_push(gh_mheap *h, gh_mspan *s)
+{
+    gh_mspan *head = h->nonempty[s->sizeclass];
+    s->prev = NULL;
+    s->next = head;
+    if (head != NULL)
+        head->prev = s;
+    h->nonempty[s->sizeclass] = s;
+    s->inlist = 1;
+}
+
+static inline void nonempty_unlink(gh_mheap *h, gh_mspan *s)
+{
+    if (s->prev != NULL)
+        s->prev->next = s->next;
+    else
+        h->nonempty[s->sizeclass] = s->next;
+    if (s->next != NULL)
+        s->next->prev = s->prev;
+    s->next = s->prev = NULL;
+    s->inlist = 0;
+}
+
+/* Unlink up to max spans of class cl that hold no live object, for MHeap to
+ * take back (MCentral reclaim).  Their addresses go to out[0..*n). */
+int gh_mcentral_take_empty(gh_mheap *h, uint32_t cl, uintptr_t *out, uintptr_t max, uintptr_t *n)
+{
+    gh_mspan *s, *next;
+    uintptr_t k = 0;
+    if (h == NULL || out == NULL || n == NULL || cl == 0 || cl >= GH_NUM_SIZE_CLASSES)
+        return GH_EARG;
+    heap_lock(h);
+    for (s = h->nonempty[cl]; s != NULL && k < max; s = next) {
+        next = s->next;
+        if (s->ref == 0) {
+            nonempty_unlink(h, s);
+            out[k++] = (uintptr_t)s;
+        }
+    }
+    heap_unlock(h);
+    *n = k;
+    return GH_OK;
+}
+
+/* The spans on class cl's nonempty list (at most max), for check(). */
+int gh_mcentral_list(gh_mheap *h, uint32_t cl, uintptr_t *out, uintptr_t max, uintptr_t *n)
+{
+    gh_mspan *s;
+    uintptr_t k = 0;
+    if (h == NULL || out == NULL || n == NULL || cl == 0 || cl >= GH_NUM_SIZE_CLASSES)
+        return GH_EARG;
+    heap_lock(h);
+    for (s = h->nonempty[cl]; s != NULL && k < max; s = s->next)
+        out[k++] = (uintptr_t)s;
+    heap_unlock(h);
+    *n = k;
+    return s == NULL ? GH_OK : GH_ECORRUPT; /* longer than max: a cycle, or max too small */
+}
+
+/* ------------------------------------------------------------------------
  * MCache fast path
  *
- * Alloc pops the head of the class's cached span; free pushes onto the
- * object's own span.  Anything else (empty cache, large objects, errors) is
- * reported and left to Python.  Statuses come back as small integers
- * (never a valid address) so the hot call needs no out-parameter.
+ * Alloc pops the head of the class's cached span, and when that span is
+ * exhausted caches the head of the class's nonempty list instead.  Free
+ * pushes onto the object's own span (linking it into the nonempty list if it
+ * was full and uncached).  Anything else (no span with a free object, large
+ * objects, errors) is reported and left to Python.  Statuses come back as
+ * small integers (never a valid address) so the hot call needs no
+ * out-parameter.
  * ------------------------------------------------------------------------ */
 
 static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero)
@@ -575,8 +648,18 @@ static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero)
     heap_lock(h);
     s = h->alloc[cl];
     if (s == NULL || s->freelist == 0) {
-        heap_unlock(h);
-        return (uintptr_t)-GH_MISS;
+        /* MCache_Refill's common case: swap in the next span with room.  The
+         * exhausted span is full, so it belongs on no list. */
+        gh_mspan *t = h->nonempty[cl];
+        if (t == NULL) {
+            heap_unlock(h);
+            return (uintptr_t)-GH_MISS;
+        }
+        nonempty_unlink(h, t);
+        if (s != NULL)
+            s->incache = 0;
+        t->incache = 1;
+        h->alloc[cl] = s = t;
     }
     v = s->freelist;
     next = *(uintptr_t *)v;
@@ -607,15 +690,13 @@ uintptr_t gh_mcache_alloc_nozero(gh_mheap *h, uintptr_t size)
     return mcache_alloc(h, size, 0);
 }
 
-/* free(v).  Returns 0, a GH_E* status (< 0, nothing changed), or event bits
- * (> 0) telling Python that an uncached span must move between MCentral
- * lists, or that v was a large/efence object whose span Python now frees
- * (GH_FREED_LARGE; the bitmap already says "free"). */
+/* free(v).  Returns 0, a GH_E* status (< 0, nothing changed), or
+ * GH_FREED_LARGE: v was a large/efence object whose span Python now frees
+ * (the bitmap already says "free"). */
 int gh_mcache_free(gh_mheap *h, uintptr_t v)
 {
     gh_mspan *s;
     uint64_t bits;
-    int events = 0;
 
     if (h == NULL || h->arena_start == 0)
         return GH_EARG;
@@ -643,29 +724,30 @@ int gh_mcache_free(gh_mheap *h, uintptr_t v)
         ((uintptr_t *)v)[1] = GH_DIRTY_MARKER;
     else if (s->elemsize == 2 * GH_PTR_SIZE)
         ((uintptr_t *)v)[1] = 0;
-    if (s->freelist == 0 && !s->incache)
-        events |= GH_FREED_NOW_NONEMPTY;
+    if (s->freelist == 0 && !s->incache && !s->inlist)
+        nonempty_push(h, s);
     s->freelist = v;
     s->ref--;
     h->nfree[s->sizeclass]++;
-    if (s->ref == 0 && !s->incache)
-        events |= GH_FREED_NOW_EMPTY;
     heap_unlock(h);
-    return events;
+    return GH_OK;
 }
 
-/* Swap the span the mcache allocates from for class cl; the old one (or NULL)
- * comes back in *old with incache cleared. */
+/* Swap the span the mcache allocates from for class cl; the old one (or 0)
+ * comes back in *old, uncached, and on the nonempty list if it has room. */
 int gh_mcache_swap(gh_mheap *h, uint32_t cl, gh_mspan *s, uintptr_t *old)
 {
     gh_mspan *prev;
     if (h == NULL || old == NULL || cl == 0 || cl >= GH_NUM_SIZE_CLASSES ||
-        (s != NULL && (s->sizeclass != cl || s->state != GH_MSPAN_IN_USE)))
+        (s != NULL && (s->sizeclass != cl || s->state != GH_MSPAN_IN_USE || s->inlist)))
         return GH_EARG;
     heap_lock(h);
     prev = h->alloc[cl];
-    if (prev != NULL)
+    if (prev != NULL) {
         prev->incache = 0;
+        if (prev->freelist != 0)
+            nonempty_push(h, prev);
+    }
     if (s != NULL)
         s->incache = 1;
     h->alloc[cl] = s;

@@ -51,8 +51,6 @@
 #define GH_MSPAN_FAULTED   4   /* goheap: efence span whose object was freed and faulted */
 
 /* ---- free-span event bits returned by gh_mcache_free -------------------- */
-#define GH_FREED_NOW_NONEMPTY 1  /* an uncached span had no free object and now has one */
-#define GH_FREED_NOW_EMPTY    2  /* an uncached span has no live object left */
 #define GH_FREED_LARGE        4  /* a large/efence object: Python frees its span */
 
 #endif
@@ -81,7 +79,10 @@ typedef struct gh_mspan {
     uint8_t   sizeclass;  /* 0 = one large (or efence) object                 */
     uint8_t   incache;    /* owned by the mcache: C allocates from it         */
     uint8_t   needzero;   /* memory may be dirty: carve writes zero markers   */
-    uint32_t  pad;
+    uint8_t   inlist;     /* on its class's nonempty list (h->nonempty[cl])  */
+    uint8_t   pad[3];
+    struct gh_mspan *next;  /* nonempty list links, valid while inlist        */
+    struct gh_mspan *prev;
 } gh_mspan;
 
 /* The part of MHeap, MCache and MStats that the C fast path reads or writes.
@@ -91,6 +92,7 @@ typedef struct gh_mheap {
     uintptr_t arena_used;                  /* end of the mapped arena          */
     uintptr_t spans;                       /* spans table: gh_mspan* per page  */
     gh_mspan *alloc[GH_NUM_SIZE_CLASSES];  /* mcache: the span each class pops */
+    gh_mspan *nonempty[GH_NUM_SIZE_CLASSES]; /* mcentral: uncached spans with a free object */
     uint32_t  class_to_size[GH_NUM_SIZE_CLASSES];
     uint8_t   size_to_class8[129];         /* index (size+7)>>3, size <= 1024  */
     uint8_t   size_to_class128[249];       /* index (size-1024+127)>>7         */
@@ -135,6 +137,8 @@ uintptr_t gh_mcache_alloc(gh_mheap *h, uintptr_t size);        /* address, or -G
 uintptr_t gh_mcache_alloc_nozero(gh_mheap *h, uintptr_t size);
 int gh_mcache_free(gh_mheap *h, uintptr_t v);                  /* 0, GH_E* < 0, GH_FREED_* > 0 */
 int gh_mcache_swap(gh_mheap *h, uint32_t cl, gh_mspan *s, uintptr_t *old);
+int gh_mcentral_take_empty(gh_mheap *h, uint32_t cl, uintptr_t *out, uintptr_t max, uintptr_t *n);
+int gh_mcentral_list(gh_mheap *h, uint32_t cl, uintptr_t *out, uintptr_t max, uintptr_t *n);
 int gh_mcache_counts(gh_mheap *h, uint64_t *nmalloc, uint64_t *nfree);
 int gh_memclr(uintptr_t v, uintptr_t n);
 
@@ -142,3 +146,4 @@ int gh_memclr(uintptr_t v, uintptr_t n);
 int gh_fault_reporter_install(void);  /* SIGSEGV/SIGBUS: print si_addr, then die */
 
 #endif
+

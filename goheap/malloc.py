@@ -61,7 +61,7 @@ from goheap.block import Block, new_block, new_ndarray
 from goheap.efence import EFence
 from goheap.errors import DoubleFree, HeapClosed, HeapCorruption, InvalidFree, OutOfMemory
 from goheap.mcache import MCache
-from goheap.mcentral import MCentral, check_span
+from goheap.mcentral import MCentral
 from goheap.mem import SysMemory
 from goheap.mheap import MAX_ARENA32, MHeap
 from goheap.mspan import SpanState
@@ -87,7 +87,6 @@ _mcache_alloc = _native.mcache_alloc
 _mcache_alloc_nozero = _native.mcache_alloc_nozero
 _mcache_free = _native.mcache_free
 _FREED_LARGE = _native.FREED_LARGE
-_NOW_EMPTY = _native.FREED_NOW_EMPTY
 _EDOUBLE = _native.EDOUBLE
 _EINVALID = _native.EINVALID
 _EARG = _native.EARG
@@ -185,7 +184,7 @@ class Heap:
         references so the closures keep no cycle alive and __del__ stays prompt."""
         c = self._c
         alloc, alloc_nozero, free_c = _mcache_alloc, _mcache_alloc_nozero, _mcache_free
-        limit, quiet = _STATUS_LIMIT, _NOW_EMPTY
+        limit = _STATUS_LIMIT
         slow_malloc = weakref.WeakMethod(self._malloc_slow)
         slow_free = weakref.WeakMethod(self._free_slow)
 
@@ -203,7 +202,7 @@ class Heap:
                 st = free_c(c, v)
             except (OverflowError, TypeError):
                 st = _EINVALID if isinstance(v, int) else None
-            if st == 0 or st == quiet:
+            if st == 0:
                 return
             slow_free()(v, st)  # type: ignore[misc]
 
@@ -280,14 +279,16 @@ class Heap:
             if status == _CORRUPT:
                 self._raise_corrupt(n)
             cl = size_to_class(n)
-            for _ in range(2):
+            alloc = _mcache_alloc if zero else _mcache_alloc_nozero
+            v = alloc(self._c, n)  # another thread may have refilled while we waited
+            if v < _STATUS_LIMIT and v != _CORRUPT:
                 self._mcache.refill(cl)
-                v = (_mcache_alloc if zero else _mcache_alloc_nozero)(self._c, n)
-                if v >= _STATUS_LIMIT:
-                    return v  # type: ignore[no-any-return]
-                if v == _CORRUPT:
-                    self._raise_corrupt(n)
-            raise HeapCorruption(f"malloc({n}): refill of class {cl} gave no object")
+                v = alloc(self._c, n)
+            if v == _CORRUPT:
+                self._raise_corrupt(n)
+            if v < _STATUS_LIMIT:
+                raise HeapCorruption(f"malloc({n}): refill of class {cl} gave no object")
+            return v  # type: ignore[no-any-return]
 
     def _raise_corrupt(self, n: int) -> None:
         cl = size_to_class(n)
@@ -320,8 +321,8 @@ class Heap:
             st = _mcache_free(self._c, v)
         except (OverflowError, TypeError):
             st = _EINVALID if isinstance(v, int) else None
-        if st == 0 or st == _NOW_EMPTY:
-            return  # the span is already on its mcentral's nonempty list
+        if st == 0:
+            return
         self._free_slow(v, st)
 
     def _free_slow(self, v: Any, st: int | None) -> None:
@@ -354,9 +355,7 @@ class Heap:
                 self._nlargefree += 1
                 self._largefree += s.elemsize
                 return
-            s = h.lookup(v)
-            if s is not None:
-                self._central[s.sizeclass].reconcile(s)
+            raise HeapCorruption(f"free({v:#x}): unknown status {st} from the fast path")
 
     # ---- Python-facing objects (block.py) ------------------------------------------------
 
@@ -509,21 +508,14 @@ class Heap:
     def _check_locked(self) -> None:
         h = self._h
         h.check_locked()
-        cached = self._mcache.cached()
         live_small = [0] * NUM_SIZE_CLASSES
         small_spans: set[int] = set()
         for cl in range(1, NUM_SIZE_CLASSES):
-            live_small[cl] += self._central[cl].check()
-            small_spans.update(self._central[cl].nonempty)
-            small_spans.update(self._central[cl].empty)
-        for cl, addr in cached.items():
-            s = h.span_of(addr)
-            if s is None or s.state != SpanState.IN_USE or s.sizeclass != cl or not s.incache:
-                raise HeapCorruption(f"mcache[{cl}] holds {s!r}")
-            if addr in small_spans:
-                raise HeapCorruption(f"cached span {s!r} is also on a central list")
-            small_spans.add(addr)
-            live_small[cl] += check_span(h, s)
+            cached = self._mcache.cached(cl)
+            if cached and cached not in self._central[cl].spans:
+                raise HeapCorruption(f"mcache[{cl}] holds {h.span_of(cached)!r}, not of its class")
+            live_small[cl] += self._central[cl].check(cached)
+            small_spans.update(self._central[cl].spans)
         large_live = large_bytes = faulted = faulted_spans = free_starts = 0
         for s in h.walk():
             if s.state == SpanState.IN_USE and s.sizeclass:

@@ -1,24 +1,29 @@
-"""MCentral: the spans of one size class that the mcache is not using.
+"""MCentral: the spans of one size class, and where new ones come from.
 
 See goheap/malloc.py for the overview.
 
-Two lists, as Go's: ``nonempty`` (spans with at least one free object) and
-``empty`` (spans with none).  A span cached by the mcache is on neither: the C
-fast path owns its free list.  New spans come from MHeap in
-``class_to_allocnpages`` pages and are carved in C (objects in address order,
-linked through word 0, each start marked *boundary* in the bitmap).  A span
-whose objects are all free stays on ``nonempty``, ready to be cached again
-without carving, until MHeap needs pages (``reclaim``, called before the heap
-grows, by the scavenger tick and by ``Heap.scavenge``): then it goes back to
-MHeap, so it can coalesce and be scavenged.  This is Go's MHeap_Reclaim step:
-in Go 2014 such spans waited for the sweeper; returning each at its last free
-made a free-everything-then-allocate-again workload re-carve every span.
+Go keeps two lists per class, ``nonempty`` (spans with a free object) and
+``empty``.  goheap keeps the nonempty list in C (``gh_mheap.nonempty[cl]``,
+doubly linked through the spans), because both ends of it are hot: a free
+into a full span links it, and a cache miss takes the head, neither needing
+Python.  A full span is on no list (Go's ``empty`` list had no reader but the
+sweeper, which goheap does not have).  Python keeps ``spans``, every in-use
+span of the class, and decides the two things that are policy:
 
-The C free path changes an uncached span's free list without this lock and
-reports what changed (goheap/_sys.c ``gh_mcache_free``); ``reconcile`` then
-moves the span under the lock.  Between the two a span may sit on ``empty``
-with a free object, or on a list with no live object: check() accepts exactly
-those two transient states.  The caller of every method holds the heap lock.
+- ``grow``: when no span has room, carve a fresh one from MHeap
+  (class_to_allocnpages pages; objects in address order, linked through word 0,
+  each start marked *boundary* in the bitmap; the carving runs in C);
+- ``reclaim``: a span whose objects are all free stays on the nonempty list,
+  ready to be cached again without carving, until MHeap needs pages (before it
+  grows, on the scavenger tick, in ``Heap.scavenge``).  Then it goes back to
+  MHeap, so it can coalesce and be scavenged.  This is Go's MHeap_Reclaim step:
+  in Go 2014 such spans waited for the sweeper; returning each at its last
+  free made a free-everything-then-allocate-again workload re-carve every span.
+
+Invariant (``check``): every span in ``spans`` is IN_USE of this class and is
+exactly one of: the mcache's span (incache), on the nonempty list (has a free
+object), or full (no free object, on no list).
+The caller of every method holds the heap lock.
 """
 
 from __future__ import annotations
@@ -31,79 +36,63 @@ from goheap.sizeclasses import class_to_allocnpages, class_to_size
 
 
 class MCentral:
-    __slots__ = ("empty", "h", "nonempty", "sizeclass")
+    __slots__ = ("h", "sizeclass", "spans")
 
     def __init__(self, h: MHeap, sizeclass: int) -> None:
         self.h = h
         self.sizeclass = sizeclass
-        self.nonempty: dict[int, MSpan] = {}
-        self.empty: dict[int, MSpan] = {}
-
-    def cache_span(self) -> MSpan:
-        """MCentral_CacheSpan: a span with free objects, taken off both lists."""
-        while self.nonempty:
-            _, s = self.nonempty.popitem()
-            if s.freelist:
-                return s
-            self.empty[s.addr] = s  # emptied since it was listed
-        return self.grow()
-
-    def uncache_span(self, s: MSpan) -> None:
-        """MCentral_UncacheSpan: the mcache is done with s."""
-        self._place(s)
-
-    def reconcile(self, s: MSpan) -> None:
-        """After a C free reported an event for s: put s where it now belongs."""
-        if s.state != SpanState.IN_USE or s.sizeclass != self.sizeclass or s.incache:
-            return
-        self.nonempty.pop(s.addr, None)
-        self.empty.pop(s.addr, None)
-        self._place(s)
-
-    def reclaim(self) -> int:
-        """Give every uncached span with no live object back to MHeap."""
-        done = [s for s in self.nonempty.values() if s.ref == 0 and not s.incache]
-        for s in done:
-            del self.nonempty[s.addr]
-            self.return_to_heap(s)
-        return len(done)
-
-    def _place(self, s: MSpan) -> None:
-        if s.freelist:
-            self.nonempty[s.addr] = s
-        else:
-            self.empty[s.addr] = s
+        self.spans: dict[int, MSpan] = {}
 
     def grow(self) -> MSpan:
         """MCentral_Grow: a fresh span from MHeap, carved into objects."""
         s = self.h.alloc_span_locked(class_to_allocnpages[self.sizeclass])
         s.sizeclass = self.sizeclass
         _native.mspan_carve(self.h.c, s.handle(), class_to_size[self.sizeclass])
+        self.spans[s.addr] = s
         return s
+
+    def reclaim(self) -> int:
+        """Give every uncached span with no live object back to MHeap."""
+        n = 0
+        while True:
+            batch = _native.mcentral_take_empty(self.h.c, self.sizeclass)
+            for addr in batch:
+                self.return_to_heap(self.spans.pop(addr))
+            n += len(batch)
+            if len(batch) < 256:
+                return n
 
     def return_to_heap(self, s: MSpan) -> None:
         """MCentral_ReturnToHeap: s has no live object; its pages go back to MHeap."""
-        if s.ref != 0 or s.incache:
+        if s.ref != 0 or s.incache or s.inlist:
             throw(f"return_to_heap: {s!r} still in use")
         _native.bitmap_unmarkspan(self.h.c, s.start, s.nbytes)
         s.needzero = True
         s.freelist = 0
         self.h.free_span_locked(s)
 
-    def check(self) -> int:
-        """Every listed span belongs here and passes the C span walk; returns
-        the live objects counted."""
+    def check(self, cached: int) -> int:
+        """Every span of the class is where its state says, and passes the C
+        span walk; returns the live objects counted."""
+        cl = self.sizeclass
+        listed = _native.mcentral_list(self.h.c, cl, len(self.spans) + 1)
+        if listed is None:
+            raise HeapCorruption(f"mcentral[{cl}]: nonempty list longer than its {len(self.spans)} spans")
+        on_list = set(listed)
+        if len(on_list) != len(listed) or not on_list <= self.spans.keys():
+            raise HeapCorruption(f"mcentral[{cl}]: nonempty list holds foreign or repeated spans")
         live = 0
-        for name, d in (("nonempty", self.nonempty), ("empty", self.empty)):
-            for s in d.values():
-                if s.state != SpanState.IN_USE or s.sizeclass != self.sizeclass or s.incache:
-                    raise HeapCorruption(f"mcentral[{self.sizeclass}].{name} holds {s!r}")
-                if name == "nonempty" and not s.freelist:
-                    raise HeapCorruption(f"mcentral[{self.sizeclass}].nonempty span {s!r} is full")
-                live += check_span(self.h, s)
-        both = self.nonempty.keys() & self.empty.keys()
-        if both:
-            raise HeapCorruption(f"mcentral[{self.sizeclass}]: spans on both lists: {both}")
+        for addr, s in self.spans.items():
+            if s.state != SpanState.IN_USE or s.sizeclass != cl:
+                raise HeapCorruption(f"mcentral[{cl}] holds {s!r}")
+            if s.incache != (addr == cached):
+                raise HeapCorruption(f"mcentral[{cl}]: {s!r} incache={s.incache}, mcache has {cached:#x}")
+            if not s.incache and bool(s.freelist) != (addr in on_list) or s.inlist != (addr in on_list):
+                raise HeapCorruption(
+                    f"mcentral[{cl}]: {s!r} with free list {s.freelist:#x} "
+                    f"{'is' if addr in on_list else 'is not'} on the nonempty list"
+                )
+            live += check_span(self.h, s)
         return live
 
 

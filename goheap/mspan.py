@@ -139,6 +139,10 @@ class MSpan:
         return bool(self._c.incache)
 
     @property
+    def inlist(self) -> bool:
+        return bool(self._c.inlist)
+
+    @property
     def needzero(self) -> bool:
         return bool(self._c.needzero)
 
@@ -178,6 +182,8 @@ class MSpan:
         c.sizeclass = 0
         c.incache = 0
         c.needzero = 0
+        c.inlist = 0
+        c.next = c.prev = _native.NULL_SPAN
         self.released = []
         self.unusedsince = 0.0
 
