@@ -68,7 +68,7 @@ struct bp_status_fns {
 /* Fill *out with a pair calling *in (two indirect calls per operation, like every peer). */
 void bp_status_pair(struct bp_status_fns *in, struct bp_pair *out);
 
-/* The C loops, timed with clock_gettime(CLOCK_MONOTONIC); both return elapsed nanoseconds, or
+/* The C loops, timed with clock_gettime(CLOCK_THREAD_CPUTIME_ID); both return nanoseconds, or
  * -1 if an allocation returned NULL (everything allocated so far is freed first). */
 int64_t bp_c_pairs(const struct bp_pair *a, size_t size, size_t count);
 int64_t bp_c_batch(const struct bp_pair *a, const uint32_t *sizes, const uint32_t *order,

@@ -11,7 +11,10 @@ malloc/free called through a cffi API-mode module ("cffi-libc"), measured in the
 the same repeat. Within one case the peers are interleaved: each repeat runs every peer once, in a
 freshly shuffled order, so a slow minute on this shared two-core machine lands on all of them
 alike. A ratio is the median of the per-repeat ratios (peer sample / reference sample of the same
-repeat), which cancels the drift that both saw. Each peer's loop count is calibrated once (that run
+repeat), which cancels the drift that both saw. Time is the thread's CPU time
+(CLOCK_THREAD_CPUTIME_ID, in Python and in the C loops), not wall time: on a shared two-core machine
+a sample that loses the CPU to another process would otherwise be charged for that process's work;
+page faults and syscalls made by the allocator still count, as they run on our thread. Each peer's loop count is calibrated once (that run
 is also the warm-up) so a sample lasts about the same time for every peer; gc is off while timing,
 as in timeit. The loops are built from source templates like timeit's, with each peer's own
 allocation expression pasted in, so nobody pays for a wrapper call the others do not.
@@ -163,13 +166,13 @@ def interleave(names: list[str], sample: Callable[[str], float], repeats: int,
     for _ in range(repeats):
         order = list(names)
         rng.shuffle(order)
-        for name in order:
-            gc.collect()
-            gc.disable()
-            try:
+        gc.collect()  # once per repeat: a full collection costs more than a short sample
+        gc.disable()
+        try:
+            for name in order:
                 out[name].append(sample(name))
-            finally:
-                gc.enable()
+        finally:
+            gc.enable()
         progress.step(label)
     return out
 
@@ -217,7 +220,7 @@ def run(sizes, order, passes, timer=timer):
 def build_loop(template: str, peer: P.Peer, touch: bool = False) -> Callable[..., int]:
     src = template.format(alloc=peer.alloc, touch=peer.touch if touch else "pass",
                           free=peer.free_stmt("p" if template is ROUND_TRIP else "ps[i]"))
-    namespace = dict(peer.ns, timer=time.perf_counter_ns)
+    namespace = dict(peer.ns, timer=time.thread_time_ns)
     exec(compile(src, f"<{peer.name} loop>", "exec"), namespace)
     return namespace["run"]
 
