@@ -1060,10 +1060,12 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
         ax.legend(fontsize=7)
     for ax in flat[i:]:
         ax.axis("off")
-    status = ", ".join(f"{t['status']} {t['target'].split(' ', 1)[0]}" for t in results["targets"])
-    fig.suptitle(f"goheap benchmarks ({'quick' if results['config']['quick'] else 'full'} run): "
-                 f"{status}", fontsize=11)
-    fig.tight_layout()
+    counts = {st: sum(t["status"] == st for t in results["targets"])
+              for st in ("PASS", "FAIL", "SKIP")}
+    status = ", ".join(f"{n} {st}" for st, n in counts.items() if n)
+    fig.suptitle(f"goheap benchmarks ({'quick' if results['config']['quick'] else 'full'} run, "
+                 f"{results.get('date', '')}): targets {status}", fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return None
@@ -1081,7 +1083,7 @@ def markdown(results: dict[str, Any]) -> str:
         shown = "n/a" if v is None else (f"{v:+.1%}" if t["workload"] == "e" else f"{v:.2f}x")
         limit = f"{t['limit']:.0%}" if t["workload"] == "e" else f"{t['limit']}x"
         out.append(f"| {t['target']} | {shown} | {limit} | {t['status']} |")
-    for key in ("a", "b", "c", "d_flat", "f", "g"):
+    for key in ("a", "b", "c", "d_flat", "d_spans", "f", "g"):
         wl = results["workloads"].get(key)
         if not wl or not wl["cases"]:
             continue
