@@ -99,10 +99,34 @@ def _after_fork_in_child() -> None:
     # the child, where that thread does not exist.
     for h in list(_live_heaps):
         h._reinit_locks()
+        h._finish_interrupted_frees()
+
+
+_held_at_fork: list[Heap] = []
+
+
+def _before_fork() -> None:
+    # goheap (issue 8): new locks alone are not enough -- a thread that is in
+    # the middle of a slow path at fork time leaves the child a half-updated
+    # heap (a span off its list, a counter not yet bumped).  Hold every heap's
+    # lock across fork, so the copy is taken between operations.
+    _held_at_fork[:] = list(_live_heaps)
+    for h in _held_at_fork:
+        h._lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for h in _held_at_fork:
+        h._lock.release()
+    _held_at_fork.clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 def enable_tracemalloc() -> None:
@@ -218,6 +242,29 @@ class Heap:
         self._h.lock = threading.RLock()
         self._lock = self._h.lock
         self._c.lock = 0
+
+    def _finish_interrupted_frees(self) -> None:
+        """In a forked child: finish the large frees that C had accepted (bitmap
+        says free, ref 0) while their threads waited for the lock _before_fork
+        held.  Those threads do not exist here, so nobody else would (issue 8)."""
+        if self._closed:
+            return
+        h = self._h
+        for s in list(h.walk()):
+            if (
+                s.state != SpanState.IN_USE
+                or s.sizeclass != 0
+                or s.ref != 0
+                or _native.bitmap_get(self._c, s.base) & _native.BIT_ALLOCATED
+            ):
+                continue
+            if self._efence is not None:
+                self._efence.free(s)
+            else:
+                _native.bitmap_set(self._c, s.base, 0, _native.BIT_BOUNDARY)
+                h.free_span_locked(s)
+            self._nlargefree += 1
+            self._largefree += s.elemsize
 
     # ---- read-only arena fields --------------------------------------------------------
 
