@@ -2,7 +2,7 @@
 # Real-kernel lanes: boot Debian kernels whose OS page is not 4 KiB under
 # full-system emulation (TCG, no KVM needed) and run the page-size-sensitive
 # tests (pytest -m pagesize) inside, on a root filesystem holding goheap.
-#   arm64-16k: Debian's linux-image-arm64-16k (bookworm-backports,
+#   arm64-16k: Debian's linux-image-arm64-16k (trixie; bookworm-backports,
 #              CONFIG_ARM64_16K_PAGES) under qemu-system-aarch64 -M virt
 #   ppc64el-64k: Debian's ppc64el kernel (CONFIG_PPC_64K_PAGES) under
 #              qemu-system-ppc64 -M pseries; Debian has no 64K arm64 kernel,
@@ -41,11 +41,14 @@ xapt_opts() {
 # fetch_kernel ARCH META: unpack the kernel META depends on, plus a static
 # busybox, into $WORK/kernel-ARCH, and build its initrd.  Sets KDIR and KVER.
 fetch_kernel() {
-    local arch=$1 meta=$2 d=$WORK/apt-$1
+    local arch=$1 meta=$2 d=$WORK/apt-$1 suite
+    suite=$(suite_for "$1")
     KDIR=$WORK/kernel-$arch
     mkdir -p "$d/lists/partial" "$d/cache/archives/partial"
-    printf 'deb [arch=%s] %s %s main\n' "$arch" "$MIRROR" "$SUITE" "$arch" "$MIRROR" "$SUITE-backports" \
-        >"$d/sources.list"
+    # bookworm has the 16K kernel only in backports; trixie has it in main
+    printf 'deb [arch=%s] %s %s main\n' "$arch" "$MIRROR" "$suite" >"$d/sources.list"
+    [ "$suite" != bookworm ] \
+        || printf 'deb [arch=%s] %s %s main\n' "$arch" "$MIRROR" bookworm-backports >>"$d/sources.list"
     # shellcheck disable=SC2046
     apt-get $(xapt_opts "$arch") update -qq >/dev/null 2>"$d/update.err" \
         || skip "cannot fetch the $arch package lists: $(tail -2 "$d/update.err")"
@@ -53,7 +56,7 @@ fetch_kernel() {
     # shellcheck disable=SC2046
     pkg=$(apt-cache $(xapt_opts "$arch") depends "$meta" 2>/dev/null \
         | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-    [ -n "$pkg" ] || skip "no $meta for $arch in $SUITE or $SUITE-backports"
+    [ -n "$pkg" ] || skip "no $meta for $arch in $suite"
     KVER=${pkg#linux-image-}
     if [ -f "$KDIR/.lane-recipe" ] && [ "$(cat "$KDIR/.lane-recipe")" = "$pkg" ]; then
         return 0

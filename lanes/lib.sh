@@ -15,7 +15,7 @@ set -euo pipefail
 LANES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$LANES_DIR/.." && pwd)
 WORK=${LANES_WORK:-$LANES_DIR/work}
-SUITE=${LANES_SUITE:-bookworm}
+SUITE=${LANES_SUITE:-trixie}
 mkdir -p "$WORK"
 
 # The Debian mirror this host's apt already uses (the only archive reachable).
@@ -105,15 +105,62 @@ binfmt() {
 # Packages every guest userland needs: a compiler and Python headers to build
 # goheap's cffi extension, and the test dependencies, all from Debian so that
 # no PyPI is needed inside (and none of it is fetched by emulated code).
+# The suite is trixie: bookworm's cffi 1.15 and hypothesis 6.67 are below
+# pyproject's floors (cffi 1.15 always defines Py_LIMITED_API, so the
+# extension's PyGILState_Check does not compile).  python3-ply is named
+# because debootstrap cannot resolve the virtual package pycparser needs.
 GUEST_PKGS=python3,python3-dev,python3-cffi,python3-ply,python3-setuptools,python3-psutil,python3-pytest,python3-hypothesis,python3-numpy,gcc,libc6-dev
+
+# suite_for ARCH: the Debian release of that architecture's guest root and kernel.
+# ppc64el uses bookworm: on the archive reachable here, trixie's ppc64el pool
+# lacks the latest point release's files (libc6, apt, base-files and the
+# kernel answer 404), so a trixie ppc64el root cannot be fetched.
+# LANES_SUITE_<arch> overrides.
+suite_for() {
+    case $1 in
+        arm64) echo "${LANES_SUITE_arm64:-$SUITE}" ;;
+        ppc64el) echo "${LANES_SUITE_ppc64el:-bookworm}" ;;
+        *) echo "$SUITE" ;;
+    esac
+}
+
+# On bookworm, two Debian packages are below pyproject's floors (cffi 1.15
+# cannot build the extension, see above; hypothesis 6.67 < 6.80).  Their
+# wheels are fetched on the host with pip (from PyPI, like `make test` does)
+# and unpacked into the guest's /usr/local, which Debian's python3 searches
+# first; pip never runs emulated.
+BOOKWORM_WHEELS="cffi==1.17.1 hypothesis==6.170.17"
+
+add_floor_wheels() {
+    local arch=$1 root=$2 plat dir=$WORK/wheels-$1
+    case $arch in
+        arm64) plat=manylinux2014_aarch64 ;;
+        ppc64el) plat=manylinux2014_ppc64le ;;
+        *) die "no wheel platform for $arch" ;;
+    esac
+    rm -rf "$dir"
+    # shellcheck disable=SC2086
+    python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+        --platform "$plat" --python-version 3.11 --implementation cp --abi cp311 \
+        -d "$dir" $BOOKWORM_WHEELS >"$WORK/wheels-$arch.log" 2>&1 \
+        || skip "pip download of $BOOKWORM_WHEELS for $arch failed: $(tail -2 "$WORK/wheels-$arch.log")"
+    local site=$root/usr/local/lib/python3.11/dist-packages w
+    mkdir -p "$site"
+    for w in "$dir"/*.whl; do
+        python3 -m zipfile -e "$w" "$site" || die "cannot unpack $w"
+    done
+    rm -rf "$dir"
+}
 
 # rootfs ARCH: set ROOTFS to the path of a cached Debian $SUITE minbase root for ARCH
 # holding GUEST_PKGS, building it first if the cache is missing or stale.
 # Built in a temporary directory and renamed at the end, so an interrupted
 # build never leaves a half root that a later run would trust.
 rootfs() {
-    local arch=$1 root=$WORK/rootfs-$1
-    local recipe="$SUITE $MIRROR $GUEST_PKGS v1"
+    local arch=$1 root=$WORK/rootfs-$1 suite
+    suite=$(suite_for "$1")
+    local recipe="$suite $MIRROR $GUEST_PKGS v1"
+    [ "$suite" != bookworm ] || recipe="$recipe + $BOOKWORM_WHEELS"
     if [ -f "$root/.lane-recipe" ] && [ "$(cat "$root/.lane-recipe")" = "$recipe" ]; then
         ROOTFS=$root
         return 0
@@ -123,17 +170,23 @@ rootfs() {
     local tmp=$root.tmp
     umount_under "$tmp"
     rm -rf "$tmp" "$root"
-    say "debootstrap $SUITE/$arch (first stage, on the host)"
+    say "debootstrap $suite/$arch (first stage, on the host)"
     : >"$WORK/debootstrap-$arch.log"
-    timed "debootstrap $arch stage 1" logged "$WORK/debootstrap-$arch.log" \
-        debootstrap --arch="$arch" --foreign --variant=minbase --include="$GUEST_PKGS" \
-        "$SUITE" "$tmp" "$MIRROR" \
-        || skip "debootstrap $arch could not fetch from $MIRROR: $(tail -3 "$WORK/debootstrap-$arch.log")"
-    say "debootstrap $SUITE/$arch (second stage, emulated)"
+    local try
+    for try in 1 2 3; do  # the archive answers the odd fetch with an error: retry
+        timed "debootstrap $arch stage 1" logged "$WORK/debootstrap-$arch.log" \
+            debootstrap --arch="$arch" --foreign --variant=minbase --include="$GUEST_PKGS" \
+            "$suite" "$tmp" "$MIRROR" && break
+        [ $try = 3 ] \
+            && skip "debootstrap $arch could not fetch from $MIRROR: $(tail -3 "$WORK/debootstrap-$arch.log")"
+        sleep 10
+    done
+    say "debootstrap $suite/$arch (second stage, emulated)"
     timed "debootstrap $arch stage 2" logged "$WORK/debootstrap-$arch.log" \
         chroot "$tmp" /debootstrap/debootstrap --second-stage \
         || die "debootstrap second stage for $arch failed: $(tail -5 "$WORK/debootstrap-$arch.log")"
     rm -rf "$tmp"/var/cache/apt/archives/*.deb "$tmp"/var/lib/apt/lists/*_Packages
+    [ "$suite" != bookworm ] || timed "floor wheels ($arch)" add_floor_wheels "$arch" "$tmp"
     echo "$recipe" >"$tmp/.lane-recipe"
     mv "$tmp" "$root"
     ROOTFS=$root
