@@ -663,7 +663,9 @@ static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero)
     }
     v = s->freelist;
     next = *(uintptr_t *)v;
-    if (next != 0 && !link_ok(h, s, next)) {
+    /* next == v: a link to itself still looks like a free object (v is not
+     * marked yet), and would hand v out twice (issue 8). */
+    if (next != 0 && (next == v || !link_ok(h, s, next))) {
         heap_unlock(h);
         return (uintptr_t)-GH_ECORRUPT;
     }
