@@ -65,6 +65,50 @@ bench: bench-deps
 bench-quick: bench-deps
 	$(PY) benchmarks/run.py --quick
 
+# Reliability (issue 8).  sanitize: the C core built with ASan + UBSan in a
+# copy of the tree (build/asan/src, its own venv), the test suite run there with
+# the ASan runtime preloaded (CPython itself is not instrumented; it leaks by
+# design, hence detect_leaks=0; SIGSEGV/SIGBUS are left to the efence tests).
+# valgrind: tests/cdriver/driver.c drives the fast path, bitmap and span code
+# without Python under memcheck, then times the free-list link check (A/B).
+# soak: benchmarks/soak.py, minutes, not in CI.
+ASAN_DIR   := build/asan
+SAN_FLAGS  := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+SANITIZE_PYTEST_ARGS ?= -q -x
+.PHONY: sanitize valgrind soak
+sanitize:
+	@mkdir -p $(ASAN_DIR)/src
+	test -x $(ASAN_DIR)/venv/bin/python || $(PYTHON) -m venv $(ASAN_DIR)/venv
+	$(ASAN_DIR)/venv/bin/python -m pip --disable-pip-version-check -q install \
+	  "setuptools>=68" wheel "cffi>=1.16" "psutil>=5.9" "pytest>=7" "hypothesis>=6.80" "numpy>=1.24"
+	tar --exclude=./.venv --exclude=./build --exclude=./lanes/work --exclude=./.git \
+	  --exclude='./goheap/_ffi*' -cf - . | tar -xf - -C $(ASAN_DIR)/src
+	cd $(ASAN_DIR)/src && GOHEAP_CFLAGS="$(SAN_FLAGS)" GOHEAP_LDFLAGS="-fsanitize=address,undefined" \
+	  ../venv/bin/python setup.py -q build_ext --inplace
+	cd $(ASAN_DIR)/src && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:handle_segv=0:handle_sigbus=0:allow_user_segv_handler=1 \
+	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  ../venv/bin/python -m pytest $(SANITIZE_PYTEST_ARGS) -p no:cacheprovider
+
+valgrind:
+	@command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
+	@mkdir -p build/cdriver
+	gcc -std=c11 -O1 -g -Wall -Wextra -Werror -Igoheap goheap/_sys.c tests/cdriver/driver.c \
+	  -o build/cdriver/driver
+	valgrind -q --error-exitcode=9 --track-origins=yes build/cdriver/driver
+	gcc -std=c11 -O2 -Wall -Wextra -Werror -Igoheap goheap/_sys.c tests/cdriver/driver.c \
+	  -o build/cdriver/driver-o2
+	sed 's/if (next != 0 && (next == v || !link_ok(h, s, next))) {/if (0) {/' goheap/_sys.c \
+	  > build/cdriver/_sys_nolink.c
+	gcc -std=c11 -O2 -Wall -Wextra -Werror -Igoheap build/cdriver/_sys_nolink.c \
+	  tests/cdriver/driver.c -o build/cdriver/driver-nolink
+	@for i in 1 2 3; do printf 'link check on:  '; build/cdriver/driver-o2 bench 20000000; \
+	  printf 'link check off: '; build/cdriver/driver-nolink bench 20000000; done
+
+soak: build
+	$(PIP) install -q "matplotlib>=3.7"
+	$(PY) benchmarks/soak.py $(SOAK_ARGS)
+
 lint: build
 	$(PIP) install -e '.[lint]' --no-build-isolation
 	$(PY) -m ruff check goheap tests build_ffi.py
