@@ -20,23 +20,41 @@ Vocabulary:
   puts the faulted unit first and the object right after it (underruns).
   ``align`` is Electric Fence's EF_ALIGNMENT: the usable size is the request
   rounded up to it, so with align=16 an overrun inside that padding is not
-  caught; align=1 catches the first byte past the request.
+  caught; align=1 catches the first byte past the request.  With align < 8 an
+  object may start at any byte; its bitmap bits are those of the heap word
+  holding its start (``word``), and free() of that word's address, which is not
+  the object, is refused like any other interior pointer.
 - *quarantine* (beyond Go, the seed's own wish): with ``quarantine=BYTES`` the
   most recently freed spans stay faulted up to that many bytes; older ones are
   deleted (``delete_span``, the seed's "MHeap_DeleteSpan"): removed from the
   bitmap and the efence books, their pages mapped fresh (Reserved -> Ready, zero)
   and freed to the page heap, which may hand the addresses out again.  The
   trade-off: a use-after-free of an object older than the quarantine is no
-  longer caught.  Default None: nothing is ever recycled, as Go.
+  longer caught (it reads zeros, or someone else's object).  Default None:
+  nothing is ever recycled, as Go; the heap then runs out of arena or of kernel
+  mappings after enough frees, and says which.
 
-Invariants (``check``): every FAULTED span is in ``faulted``; the bytes agree;
-the quarantine holds at most ``quarantine`` bytes; a faulted span's object start
-is *boundary* in the bitmap, never *allocated*.
-The caller of every method holds the heap lock.
+Running out.  Each faulted span can split a kernel mapping (Linux caps them at
+vm.max_map_count, 65,530 by default).  When mprotect or mmap fails, the
+operation is undone and OutOfMemory names the cause: a failed free leaves the
+object live and readable, a failed guard leaves no span behind, and a span is
+FAULTED only after the kernel said its pages are PROT_NONE.
+
+Diagnosis.  ``report_faults()`` installs a C handler that prints
+``goheap: SIGSEGV at 0x<address>`` before the process dies, and
+``fault_address(text)`` reads it back, so a parent can ask ``Heap.explain``
+what its child touched.
+
+Invariants (``check``): every FAULTED span is in ``faulted`` and the bytes
+agree; the quarantine holds at most ``quarantine`` bytes (unless the OS refused
+a delete); every efence span is whole units at a unit boundary; a faulted span's
+object start is *boundary* in the bitmap, never *allocated*; every guard belongs
+to a live span and lies inside it.  The caller of every method holds the heap lock.
 """
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 from goheap import _native
@@ -46,6 +64,12 @@ from goheap.mspan import MSpan, SpanState
 from goheap.sizeclasses import PAGE_SHIFT
 
 GUARDS = ("none", "after", "before")
+WORD = 8  # heap word: the bitmap's granularity
+
+
+def word(v: int) -> int:
+    """The heap word holding byte v: where its object's bitmap bits live."""
+    return v & ~(WORD - 1)
 
 
 class EFence:
@@ -56,19 +80,27 @@ class EFence:
             guard = "none"
         if guard not in GUARDS:
             raise ValueError(f"guard must be True, False or one of {GUARDS}, not {guard!r}")
-        if not isinstance(align, int) or align < 1 or align > 16 or align & (align - 1):
+        if (
+            isinstance(align, bool)
+            or not isinstance(align, int)
+            or align < 1
+            or align > 16
+            or align & (align - 1)
+        ):
             raise ValueError(f"align must be a power of two from 1 to 16, not {align!r}")
-        if quarantine is not None and (not isinstance(quarantine, int) or quarantine < 0):
+        if quarantine is not None and (
+            isinstance(quarantine, bool) or not isinstance(quarantine, int) or quarantine < 0
+        ):
             raise ValueError(f"quarantine must be None or a byte count >= 0, not {quarantine!r}")
         self.h = h
         self.guard = guard
         self.align = align
         self.quarantine = quarantine
         self.unit = h.align
-        self.faulted: OrderedDict[int, MSpan] = OrderedDict()  # oldest first
+        self.faulted: OrderedDict[int, MSpan] = OrderedDict()  # span struct -> span, oldest first
         self.faulted_bytes = 0
         self.deleted = 0
-        self.guards: dict[int, tuple[int, int]] = {}  # span struct -> faulted guard range
+        self.guards: dict[int, tuple[int, int]] = {}  # live span struct -> faulted guard range
         self.delete_refused = False
 
     # ---- alloc ------------------------------------------------------------------
@@ -79,48 +111,83 @@ class EFence:
         usable = round_up(max(n, 1), self.align)
         data = round_up(usable, unit)
         span_bytes = data + (unit if self.guard != "none" else 0)
-        s = h.alloc_span_aligned_locked(span_bytes >> PAGE_SHIFT, unit)
+        try:
+            s = h.alloc_span_aligned_locked(span_bytes >> PAGE_SHIFT, unit)
+        except OutOfMemory as e:
+            raise OutOfMemory(
+                f"efence: malloc({n}) needs {span_bytes} bytes of fresh pages: "
+                f"{self.exhaustion_cause(e)}"
+            ) from e
         if self.guard == "after":
-            data_lo, guard_lo = s.start, s.start + data
-            base = s.start + data - usable
+            guard_lo = s.start + data
+            base = guard_lo - usable
         elif self.guard == "before":
-            guard_lo, data_lo = s.start, s.start + unit
-            base = data_lo
+            guard_lo = s.start
+            base = s.start + unit
         else:
-            data_lo, guard_lo, base = s.start, 0, s.start
+            guard_lo, base = 0, s.start
         if self.guard != "none":
             try:
                 h.mem.sys_fault(guard_lo, unit)
-            except OSError as e:
+            except (OSError, MemoryError) as e:
+                # sys_fault changes nothing when it fails: the span is plain
+                # Ready memory and goes back as it came.
                 h.free_span_locked(s)
                 raise OutOfMemory(
-                    f"efence: cannot fault the guard page at {guard_lo:#x}: {e} "
-                    "(address space or vm.max_map_count exhausted)"
+                    f"efence: malloc({n}): cannot fault the guard page at {guard_lo:#x}: "
+                    f"{self.exhaustion_cause(e)}"
                 ) from e
             self.guards[s.addr] = (guard_lo, unit)
         if zero and s.needzero:
-            _native.memclr(data_lo, data)
+            _native.memclr(base, usable)
         s.needzero = True
         s.base = base
         s.elemsize = usable
         s.limit = base + usable
         s.ref = 1
-        _native.bitmap_set(h.c, base, _native.BIT_ALLOCATED, _native.BIT_BOUNDARY)
+        _native.bitmap_set(h.c, word(base), _native.BIT_ALLOCATED, _native.BIT_BOUNDARY)
         return base, usable
 
     # ---- free -------------------------------------------------------------------
 
+    def free_unaligned(self, v: int) -> int:
+        """free's first step for an address C refused as not word aligned: with
+        align < 8 an efence object may start there.  Marks the object free in
+        the bitmap exactly as C does for an aligned one and returns C's status
+        (FREED_LARGE, or EINVALID / EDOUBLE with nothing changed)."""
+        h = self.h
+        s = h.lookup(v)
+        if s is None or s.sizeclass != 0 or s.base != v:
+            return _native.EINVALID
+        bits = _native.bitmap_get(h.c, word(v))
+        if s.state != SpanState.IN_USE or not bits & _native.BIT_ALLOCATED:
+            return _native.EDOUBLE if bits & _native.BIT_BOUNDARY else _native.EINVALID
+        _native.bitmap_set(h.c, word(v), _native.BIT_BOUNDARY, _native.BIT_ALLOCATED)
+        s.ref = 0
+        return _native.FREED_LARGE
+
+    def refuse_word_free(self, s: MSpan | None, v: int) -> bool:
+        """C freed the word-aligned v, but v only shares its heap word with an
+        unaligned object's start (align < 8): undo C's marking and return True,
+        so the caller raises InvalidFree.  False if that is not the case."""
+        if s is None or s.sizeclass != 0 or s.base == v or word(s.base) != v:
+            return False
+        _native.bitmap_set(self.h.c, v, _native.BIT_ALLOCATED, _native.BIT_BOUNDARY)
+        s.ref = 1
+        return True
+
     def free(self, s: MSpan) -> None:
-        """Fault the whole span and keep it (C has already marked the object
-        free in the bitmap).  If the fault fails the object stays live."""
+        """Fault the whole span and keep it (the bitmap already says "free").
+        If the fault fails the object stays live and OutOfMemory says why."""
         h = self.h
         try:
             h.mem.sys_fault(s.start, s.nbytes)
-        except OSError as e:
-            _native.bitmap_set(h.c, s.base, _native.BIT_ALLOCATED, _native.BIT_BOUNDARY)
+        except (OSError, MemoryError) as e:
+            _native.bitmap_set(h.c, word(s.base), _native.BIT_ALLOCATED, _native.BIT_BOUNDARY)
             s.ref = 1
             raise OutOfMemory(
-                f"efence: cannot fault freed object {s.base:#x} ({e}); it is still live"
+                f"efence: free({s.base:#x}): cannot fault its span [{s.start:#x}, {s.end:#x}): "
+                f"{self.exhaustion_cause(e)}; the object is still live"
             ) from e
         self.guards.pop(s.addr, None)
         s.state = SpanState.FAULTED
@@ -134,12 +201,12 @@ class EFence:
     def delete_span(self, s: MSpan) -> bool:
         """MHeap_DeleteSpan: retire a faulted span so its addresses can be reused,
         with every structure told.  Returns False (and changes nothing) if the OS
-        refuses to map the pages again."""
+        refuses to map the pages again; the next free tries again."""
         h = self.h
         try:
             h.mem.sys_map(s.start, s.nbytes, None)  # Reserved -> Ready, zero
-        except OSError:
-            self.delete_refused = True  # over quota until the OS lets us map again
+        except (OSError, MemoryError):
+            self.delete_refused = True
             return False
         self.delete_refused = False
         del self.faulted[s.addr]
@@ -150,6 +217,27 @@ class EFence:
         h.free_span_locked(s)
         return True
 
+    # ---- running out ---------------------------------------------------------------
+
+    def exhaustion_cause(self, e: BaseException) -> str:
+        """Why the OS or the arena said no, in words a user can act on."""
+        maps, limit = mapping_count(), max_map_count()
+        if maps is not None and limit is not None and maps >= limit - 16:
+            return (
+                f"the process has {maps} kernel mappings of vm.max_map_count={limit} "
+                "(each faulted span splits one; pass quarantine=BYTES to recycle) "
+                f"[{e}]"
+            )
+        h = self.h
+        left = h.arena_end - h.arena_used
+        if "cannot allocate" in str(e) or left < self.unit:
+            return (
+                f"arena exhausted: {h.heap_inuse} bytes in efence spans "
+                f"({self.faulted_bytes} faulted), {left} bytes of arena unused "
+                f"(pass quarantine=BYTES to recycle) [{e}]"
+            )
+        return f"the OS refused: {e}"
+
     # ---- diagnosis ----------------------------------------------------------------
 
     def explain(self, addr: int) -> str | None:
@@ -157,21 +245,24 @@ class EFence:
         s = self.h.lookup(addr)
         if s is None:
             return None
+        obj = f"[{s.base:#x}, +{s.elemsize})"
+        where = _position(addr, s.base, s.elemsize)
         if s.state == SpanState.FAULTED:
-            where = "inside" if s.base <= addr < s.base + s.elemsize else "beside"
             return (
-                f"{addr:#x} is {where} a freed efence object [{s.base:#x}, +{s.elemsize}) "
-                f"in faulted span [{s.start:#x}, {s.end:#x}): use after free"
+                f"{addr:#x} is {where} freed efence object {obj} (guard {self.guard}), "
+                f"faulted span [{s.start:#x}, {s.end:#x}): use after free"
             )
         g = self.guards.get(s.addr)
         if g is not None and g[0] <= addr < g[0] + g[1]:
-            side = "after" if self.guard == "after" else "before"
+            kind = "overrun" if self.guard == "after" else "underrun"
             return (
-                f"{addr:#x} is in the guard page {side} live object [{s.base:#x}, "
-                f"+{s.elemsize}): {'overrun' if side == 'after' else 'underrun'} "
-                f"by {addr - s.limit + 1 if side == 'after' else s.base - addr} bytes"
+                f"{addr:#x} is in the guard page [{g[0]:#x}, {g[0] + g[1]:#x}) {self.guard} "
+                f"live object {obj}: {kind}, {where} it"
             )
-        return None
+        return (
+            f"{addr:#x} is on the pages of live efence object {obj} but outside it ({where} "
+            "it, not faulted)"
+        )
 
     # ---- consistency --------------------------------------------------------------
 
@@ -181,13 +272,21 @@ class EFence:
                 f"efence: the arena holds {faulted_walked} faulted bytes, the books "
                 f"{self.faulted_bytes}"
             )
+        if sum(s.nbytes for s in self.faulted.values()) != self.faulted_bytes:
+            raise HeapCorruption(f"efence: faulted list does not add up to {self.faulted_bytes}")
         for s in self.faulted.values():
             if s.state != SpanState.FAULTED:
                 raise HeapCorruption(f"efence: {s!r} is listed as faulted")
-            if _native.bitmap_get(self.h.c, s.base) & _native.BIT_ALLOCATED:
-                raise HeapCorruption(f"efence: faulted {s!r} still marked allocated")
-            if s.start % self.unit or s.nbytes % self.unit:
-                raise HeapCorruption(f"efence: {s!r} is not whole OS pages")
+            bits = _native.bitmap_get(self.h.c, word(s.base))
+            if bits & _native.BIT_ALLOCATED or not bits & _native.BIT_BOUNDARY:
+                raise HeapCorruption(f"efence: faulted {s!r} not marked freed (bits {bits:#x})")
+            self._check_geometry(s)
+        for addr, (lo, n) in self.guards.items():
+            s = self.h.span_of(addr)
+            if s is None or s.state != SpanState.IN_USE or not s.start <= lo < lo + n <= s.end:
+                raise HeapCorruption(f"efence: guard {lo:#x}+{n:#x} belongs to no live span {s!r}")
+            if lo < s.limit and s.base < lo + n:
+                raise HeapCorruption(f"efence: guard {lo:#x}+{n:#x} overlaps object of {s!r}")
         if (
             self.quarantine is not None
             and self.faulted_bytes > self.quarantine
@@ -196,3 +295,70 @@ class EFence:
             raise HeapCorruption(
                 f"efence: quarantine holds {self.faulted_bytes} bytes, limit {self.quarantine}"
             )
+
+    def check_live(self, s: MSpan) -> None:
+        """A live efence span: whole units, its guard where the mode says."""
+        self._check_geometry(s)
+        if (self.guard != "none") != (s.addr in self.guards):
+            raise HeapCorruption(f"efence: live {s!r} guard {self.guards.get(s.addr)}")
+
+    def _check_geometry(self, s: MSpan) -> None:
+        if s.start % self.unit or s.nbytes % self.unit:
+            raise HeapCorruption(f"efence: {s!r} is not whole OS pages ({self.unit})")
+        if not s.start <= s.base < s.base + s.elemsize <= s.end:
+            raise HeapCorruption(f"efence: object of {s!r} leaves its span")
+
+
+def _position(addr: int, base: int, size: int) -> str:
+    """Where addr is relative to the object [base, base+size): an overrun of
+    one byte is "1 byte past the end", an underrun of one "1 byte before"."""
+    if addr < base:
+        return f"{_bytes(base - addr)} before"
+    if addr >= base + size:
+        return f"{_bytes(addr - (base + size) + 1)} past the end of"
+    return f"at offset {addr - base} of"
+
+
+def _bytes(n: int) -> str:
+    return f"{n} byte" if n == 1 else f"{n} bytes"
+
+
+# ---- the kernel's mapping budget ------------------------------------------------------
+
+
+def mapping_count() -> int | None:
+    """Kernel mappings (VMAs) of this process, or None where /proc is absent."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def max_map_count() -> int | None:
+    """vm.max_map_count, or None where the kernel has no such limit."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+# ---- fault reports ----------------------------------------------------------------------
+
+
+def report_faults() -> None:
+    """From now on a SIGSEGV or SIGBUS in this process first prints
+    ``goheap: SIGSEGV at 0x<address>`` on stderr, then kills it as before.
+    Replaces any earlier handler (faulthandler's too): for processes that are
+    expected to die, e.g. a child hunting a use-after-free."""
+    _native.install_fault_reporter()
+
+
+_REPORT = re.compile(r"goheap: (SIGSEGV|SIGBUS) at (0x[0-9a-f]+)")
+
+
+def fault_address(text: str) -> int | None:
+    """The faulting address in ``report_faults`` output (the last one), or None."""
+    found = _REPORT.findall(text)
+    return int(found[-1][1], 16) if found else None
