@@ -275,6 +275,25 @@ mcache_alloc_nozero = lib.gh_mcache_alloc_nozero
 mcache_free = lib.gh_mcache_free
 
 
+_fast_new: Any = None
+
+
+def fast_methods(h: Any, slow_malloc: Any, slow_free: Any) -> tuple[Any, Any]:
+    """malloc and free for heap h as builtin methods (goheap/_pyfast.c).
+    ``slow_malloc(size, zero, status)`` and ``slow_free(v, status)`` are
+    weakref.WeakMethod objects: the methods never keep the Heap alive."""
+    global _fast_new
+    if _fast_new is None:
+        import goheap._ffi as ffi_module  # type: ignore[import-not-found]
+
+        fn = ctypes.PyDLL(ffi_module.__file__).ghpy_fast_new
+        fn.restype = ctypes.py_object
+        fn.argtypes = [ctypes.c_void_p, ctypes.py_object, ctypes.py_object, ctypes.py_object]
+        _fast_new = fn
+    fast = _fast_new(mheap_addr(h), h, slow_malloc, slow_free)
+    return fast.malloc, fast.free
+
+
 def fastpath_pointers() -> tuple[int, int]:
     """For the C-loop benchmark: addresses of gh_mcache_alloc and gh_mcache_free
     (signatures ``uintptr_t (*)(gh_mheap *, uintptr_t)`` and

@@ -1,0 +1,203 @@
+/* goheap's CPython binding for the two hot calls: malloc and free as builtin methods.
+ *
+ * See goheap/malloc.py for the overview.
+ *
+ * Why this file exists: through cffi, a Python method wrapping the C fast path
+ * costs a Python frame plus a two-argument cffi call (METH_VARARGS: a tuple is
+ * built and parsed), which is more than the allocator itself by a factor of
+ * ten and more than glibc's malloc called through cffi.  Here malloc and free
+ * are METH_FASTCALL methods of a small object that holds the heap's gh_mheap
+ * pointer, so a call is one vectorcall into C, like a call to a built-in.
+ *
+ * This is binding glue, not the C core: it lives apart from _sys.c, includes
+ * Python.h, and is the one place where C calls Python -- the heap's slow paths
+ * (refill, large objects, errors), reached through weak references so that
+ * the methods never keep a Heap alive.  Every decision stays in Python: on
+ * anything but a plain hit the arguments go to the slow path untouched.
+ *
+ * Invariants: h stays valid while the object lives (it holds `owner`, the
+ * Python object that owns h's memory); a closed heap has arena_start == 0, so
+ * the C core refuses it and the slow path raises HeapClosed.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "_sys.h"
+
+#define GHPY_EXPORT __attribute__((visibility("default")))
+
+typedef struct {
+    PyObject_HEAD
+    gh_mheap *h;           /* the heap's C half                               */
+    PyObject *owner;       /* keeps h's memory alive                          */
+    PyObject *slow_malloc; /* weakref.WeakMethod of Heap._malloc_slow(size, zero, status) */
+    PyObject *slow_free;   /* weakref.WeakMethod of Heap._free_slow(v, status)           */
+} ghpy_fast;
+
+static PyObject *fast_type; /* created on first use */
+
+/* Call the method behind a WeakMethod with args[0..n). */
+static PyObject *call_slow(PyObject *weak, PyObject *const *args, Py_ssize_t n)
+{
+    PyObject *m, *r;
+    m = PyObject_CallNoArgs(weak);
+    if (m == NULL)
+        return NULL;
+    if (m == Py_None) {
+        Py_DECREF(m);
+        PyErr_SetString(PyExc_ReferenceError, "goheap: the Heap behind this method is gone");
+        return NULL;
+    }
+    r = PyObject_Vectorcall(m, args, (size_t)n, NULL);
+    Py_DECREF(m);
+    return r;
+}
+
+/* The status handed to the slow path: what gh_mcache_alloc returned, or 0
+ * when the argument never reached C (not an exact int, or out of range). */
+static PyObject *to_slow_malloc(ghpy_fast *self, PyObject *size, PyObject *zero, uintptr_t status)
+{
+    PyObject *args[3], *st, *r;
+    st = PyLong_FromUnsignedLongLong((unsigned long long)status);
+    if (st == NULL)
+        return NULL;
+    args[0] = size;
+    args[1] = zero;
+    args[2] = st;
+    r = call_slow(self->slow_malloc, args, 3);
+    Py_DECREF(st);
+    return r;
+}
+
+static PyObject *fast_malloc(ghpy_fast *self, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames)
+{
+    PyObject *size = nargs > 0 ? args[0] : NULL;
+    PyObject *zero = nargs > 1 ? args[1] : Py_True;
+    Py_ssize_t i, nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    unsigned long long n;
+    uintptr_t v;
+    int z;
+
+    if (nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "malloc() takes at most 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    for (i = 0; i < nkw; i++) {
+        PyObject *k = PyTuple_GET_ITEM(kwnames, i), **slot;
+        if (PyUnicode_CompareWithASCIIString(k, "size") == 0)
+            slot = &size;
+        else if (PyUnicode_CompareWithASCIIString(k, "zero") == 0)
+            slot = &zero;
+        else {
+            PyErr_Format(PyExc_TypeError, "malloc() got an unexpected keyword argument '%U'", k);
+            return NULL;
+        }
+        *slot = args[nargs + i];
+    }
+    if (size == NULL) {
+        PyErr_SetString(PyExc_TypeError, "malloc() missing required argument 'size'");
+        return NULL;
+    }
+    z = PyObject_IsTrue(zero);
+    if (z < 0)
+        return NULL;
+    if (!PyLong_CheckExact(size))
+        return to_slow_malloc(self, size, z ? Py_True : Py_False, 0);
+    n = PyLong_AsUnsignedLongLong(size);
+    if (n == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear(); /* negative or huge: the slow path names the error */
+        return to_slow_malloc(self, size, z ? Py_True : Py_False, 0);
+    }
+    v = z ? gh_mcache_alloc(self->h, (uintptr_t)n) : gh_mcache_alloc_nozero(self->h, (uintptr_t)n);
+    if (v >= 4096)
+        return PyLong_FromUnsignedLongLong((unsigned long long)v);
+    return to_slow_malloc(self, size, z ? Py_True : Py_False, v);
+}
+
+static PyObject *fast_free(ghpy_fast *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *a[2], *st, *r;
+    unsigned long long v;
+    int status;
+
+    if (nargs != 1) {
+        PyErr_Format(PyExc_TypeError, "free() takes exactly one argument (%zd given)", nargs);
+        return NULL;
+    }
+    if (!PyLong_Check(args[0])) {
+        st = Py_NewRef(Py_None); /* not an address at all: TypeError from the slow path */
+    } else {
+        v = PyLong_AsUnsignedLongLong(args[0]);
+        if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            status = GH_EINVALID; /* negative or beyond 64 bits: in no heap */
+        } else {
+            status = gh_mcache_free(self->h, (uintptr_t)v);
+            if (status == GH_OK)
+                Py_RETURN_NONE;
+        }
+        st = PyLong_FromLong(status);
+        if (st == NULL)
+            return NULL;
+    }
+    a[0] = args[0];
+    a[1] = st;
+    r = call_slow(self->slow_free, a, 2);
+    Py_DECREF(st);
+    return r;
+}
+
+static void fast_dealloc(ghpy_fast *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    Py_XDECREF(self->owner);
+    Py_XDECREF(self->slow_malloc);
+    Py_XDECREF(self->slow_free);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef fast_methods[] = {
+    {"malloc", (PyCFunction)(void (*)(void))fast_malloc, METH_FASTCALL | METH_KEYWORDS,
+     "malloc(size, zero=True) -> int: see goheap.Heap.malloc."},
+    {"free", (PyCFunction)(void (*)(void))fast_free, METH_FASTCALL,
+     "free(v) -> None: see goheap.Heap.free."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot fast_slots[] = {
+    {Py_tp_dealloc, (void *)fast_dealloc},
+    {Py_tp_methods, fast_methods},
+    {Py_tp_doc, (void *)"goheap's fast malloc/free for one heap (see goheap/_pyfast.c)."},
+    {0, NULL},
+};
+
+static PyType_Spec fast_spec = {
+    "goheap._ffi.FastPath", sizeof(ghpy_fast), 0, Py_TPFLAGS_DEFAULT, fast_slots,
+};
+
+/* A new FastPath for heap h.  Called through ctypes.PyDLL (with the GIL held)
+ * by goheap/_native.py; the three objects are borrowed and kept. */
+GHPY_EXPORT PyObject *ghpy_fast_new(uintptr_t h, PyObject *owner, PyObject *slow_malloc,
+                                    PyObject *slow_free)
+{
+    ghpy_fast *self;
+    if (h == 0 || owner == NULL || slow_malloc == NULL || slow_free == NULL) {
+        PyErr_SetString(PyExc_ValueError, "ghpy_fast_new: missing argument");
+        return NULL;
+    }
+    if (fast_type == NULL) {
+        fast_type = PyType_FromSpec(&fast_spec);
+        if (fast_type == NULL)
+            return NULL;
+    }
+    self = PyObject_New(ghpy_fast, (PyTypeObject *)fast_type);
+    if (self == NULL)
+        return NULL;
+    self->h = (gh_mheap *)h;
+    self->owner = Py_NewRef(owner);
+    self->slow_malloc = Py_NewRef(slow_malloc);
+    self->slow_free = Py_NewRef(slow_free);
+    return (PyObject *)self;
+}
