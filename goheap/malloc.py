@@ -519,7 +519,9 @@ class Heap:
                 raise HeapClosed("scavenge on a closed heap")
             self._mcache.release_all()
             self._reclaim()
-            return self._h.scavenge_locked(math.inf, 0.0)
+            released = self._h.scavenge_locked(math.inf, 0.0)
+            self._h.spanalloc.compact()
+            return released
 
     def check(self) -> None:
         """Walk every invariant; raise HeapCorruption naming the first broken one."""

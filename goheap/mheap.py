@@ -98,7 +98,7 @@ class MHeap:
         self.scavenge_after = float(scavenge_after)
         self.c: Any = _native.new_mheap()
         self.spanalloc = SpanAlloc(self.mem)
-        self.spanobj: dict[int, MSpan] = {}
+        self.spanobj = self.spanalloc.live  # struct address -> MSpan, live spans only
         self.free: list[dict[int, MSpan]] = [{} for _ in range(MAX_MHEAP_LIST)]
         self.nonempty_mask = 0
         self.freelarge = LargeFree()
@@ -229,7 +229,10 @@ class MHeap:
         The caller holds the lock.  Raises OutOfMemory when mapping fails."""
         if n > self.arena_end - self.arena_used and self.arena32:
             self._reserve_more_32(n)
-        if n <= self.arena_end - self.arena_used:
+        # goheap: arena_end (the reservation's true end) may lie up to one align
+        # past what the bitmap and spans table describe: never grow into that.
+        described = self.arena_start + min(self.bitmap_size * 16, self.spans_size // 8 * PAGE_SIZE)
+        if n <= min(self.arena_end, described) - self.arena_used:
             p = self.arena_used
             self.map_bits(p + n)
             self.map_spans(p + n)
@@ -342,7 +345,6 @@ class MHeap:
             self.spanalloc.free(s)
             raise
         # Free a fake in-use span so the new memory coalesces through the one path.
-        self.spanobj[s.addr] = s
         s.init(v, nbytes >> PAGE_SHIFT)
         s.state = SpanState.IN_USE
         _native.spans_set(self.c, v, s.npages, s.handle())
@@ -424,7 +426,6 @@ class MHeap:
         """Cut the first ``head`` pages of IN_USE s into a new IN_USE span, which is
         returned; s keeps the rest.  Both own all their pages in the spans table."""
         t = self.spanalloc.alloc()
-        self.spanobj[t.addr] = t
         t.init(s.start, head)
         t.state = SpanState.IN_USE
         t.needzero = s.needzero
@@ -478,7 +479,6 @@ class MHeap:
                 keep.append((max(lo, cut), hi - max(lo, cut)))
         s.released = []
         if t is not None:
-            self.spanobj[t.addr] = t
             t.init(s.start + (npage << PAGE_SHIFT), s.npages - npage)
             t.needzero = s.needzero
             t.unusedsince = s.unusedsince
@@ -589,7 +589,30 @@ class MHeap:
         self.mem.sys_unused(lo, hi - lo)
         s.released = [(lo, hi - lo)]
         self.heap_released += hi - lo - had
+        for mlo, mhi in self._metadata_pages(s, lo, hi):
+            self.mem.sys_unused(mlo, mhi - mlo)
         return hi - lo - had
+
+    def _metadata_pages(self, s: MSpan, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The whole OS pages of metadata that describe only [lo, hi) of free span
+        s: its GC bitmap (1/16 of the bytes, all zero in a free span) and its
+        spans-table entries except the first and last page's, which coalescing
+        reads.  Releasing them is what lets RSS return to where it was: a 64 KiB
+        object alone dirties a whole 4 KiB bitmap page.  Either content after
+        release (zero, or what was there) is correct for them."""
+        ps = self.os_page_size
+        out = []
+        blo = round_up(self.arena_start - (hi - self.arena_start) // 16, ps)
+        bhi = round_down(self.arena_start - (lo - self.arena_start) // 16, ps)
+        if bhi > blo:
+            out.append((blo, bhi))
+        first = max(lo, s.start + PAGE_SIZE)
+        last = min(hi, s.end - PAGE_SIZE)
+        tlo = round_up(self.spans + ((first - self.arena_start) >> PAGE_SHIFT) * 8, ps)
+        thi = round_down(self.spans + ((last - self.arena_start) >> PAGE_SHIFT) * 8, ps)
+        if thi > tlo:
+            out.append((tlo, thi))
+        return out
 
     # ---- consistency -----------------------------------------------------------------
 
@@ -714,7 +737,6 @@ class MHeap:
             self.spanalloc.release_all()
         except (OSError, OutOfMemory) as e:
             err = err or e
-        self.spanobj.clear()
         self.free = [{} for _ in range(MAX_MHEAP_LIST)]
         self.freelarge = LargeFree()
         self.nonempty_mask = 0

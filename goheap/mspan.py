@@ -203,39 +203,54 @@ class SpanAlloc:
         self.sysmem = sysmem
         self.size = _native.SPAN_STRUCT_SIZE
         self.chunks: list[tuple[int, int]] = []
-        self._free: list[MSpan] = []
+        # Dead structs form a list through their own ``next`` field (Go's FixAlloc
+        # list): the MSpan wrapper goes with the span and the list costs no
+        # Python memory, so a heap that shrinks back gives that memory back too.
+        self._free_head = 0
         self._next = 0  # next unused struct in the newest chunk
         self._end = 0
-        self.inuse = 0  # structs handed out
+        self.live: dict[int, MSpan] = {}  # struct address -> wrapper, for live spans
+
+    @property
+    def inuse(self) -> int:
+        return len(self.live)
 
     def alloc(self) -> MSpan:
-        if self._free:
-            s = self._free.pop()
+        if self._free_head:
+            addr = self._free_head
+            self._free_head = _native.ffi_addr(_native.span_at(addr).next)
         else:
             if self._next + self.size > self._end:
                 n = self.sysmem.round_up(self.CHUNK)
                 v = self.sysmem.sys_alloc(n, "mspan_sys")
                 self.chunks.append((v, n))
                 self._next, self._end = v, v + n
-            s = MSpan(self._next)
+            addr = self._next
             self._next += self.size
-        self.inuse += 1
+        s = self.live[addr] = MSpan(addr)
         return s
 
     def free(self, s: MSpan) -> None:
         """Return a struct; it is marked DEAD so stale spans-table entries read as dead."""
         s.state = SpanState.DEAD
         s.released = []
-        self.inuse -= 1
-        self._free.append(s)
+        del self.live[s.addr]
+        s._c.next = _native.span_at(self._free_head) if self._free_head else _native.NULL_SPAN
+        self._free_head = s.addr
+
+    def compact(self) -> None:
+        """Rebuild the live map: a dict keeps its largest table after deletions."""
+        live = dict(self.live)
+        self.live.clear()
+        self.live.update(live)
 
     def release_all(self) -> None:
         for v, n in self.chunks:
             self.sysmem.sys_free(v, n, "mspan_sys")
         self.chunks.clear()
-        self._free.clear()
+        self._free_head = 0
         self._next = self._end = 0
-        self.inuse = 0
+        self.live.clear()
 
 
 class LargeFree:
