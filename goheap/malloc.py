@@ -464,7 +464,7 @@ class Heap:
             if self._closed:
                 raise HeapClosed("_spans_snapshot on a closed heap")
             return [
-                (s.start, s.npages, s.state.name, s.sizeclass, s.ref, s.nelems, s.npreleased_bytes)
+                (s.start, s.npages, SpanState(s.state).name, s.sizeclass, s.ref, s.nelems, s.npreleased_bytes)
                 for s in self._h.walk()
             ]
 

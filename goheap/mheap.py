@@ -673,7 +673,7 @@ class MHeap:
                     raise HeapCorruption(f"in-use span {s!r} has released pages")
                 inuse += s.nbytes
             else:
-                raise HeapCorruption(f"span {s!r} in the arena has state {s.state.name}")
+                raise HeapCorruption(f"span {s!r} in the arena has state {SpanState(s.state).name}")
             prev_free = s.state == SpanState.FREE
             prev_end = s.end
         listed = sum(len(d) for d in self.free) + len(self.freelarge)

@@ -75,8 +75,10 @@ class MSpan:
         self._c.npages = n
 
     @property
-    def state(self) -> SpanState:
-        return SpanState(self._c.state)
+    def state(self) -> int:
+        """A SpanState value as a plain int (IntEnum members compare equal); the
+        enum's constructor would cost more than the rest of the read."""
+        return int(self._c.state)
 
     @state.setter
     def state(self, st: SpanState) -> None:
@@ -189,7 +191,7 @@ class MSpan:
 
     def __repr__(self) -> str:
         return (
-            f"MSpan({self.start:#x}+{self.npages}p {self.state.name} "
+            f"MSpan({self.start:#x}+{self.npages}p {SpanState(self.state).name} "
             f"class={self.sizeclass} ref={self.ref})"
         )
 
