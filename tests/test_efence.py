@@ -146,6 +146,7 @@ CHILD = """
 import ctypes, json, os, resource, sys
 import goheap
 from goheap import mem
+from goheap.mspan import SpanState
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 def heap(page_size, **kw):
@@ -554,7 +555,7 @@ except goheap.OutOfMemory as e:
 h.check()
 st = h.stats()
 maps = [l.split() for l in open("/proc/self/maps")]
-faulted = [s for s in h._h.walk() if s.state.name == "FAULTED"]
+faulted = [s for s in h._h.walk() if s.state == SpanState.FAULTED]
 perms = {{}}
 for s in faulted:
     for l in maps:
@@ -618,8 +619,8 @@ def perms(lo, hi):
             seen.add(maps[i][2])
         i += 1
     return seen
-bad = [s.start for s in h._h.walk() if s.state.name == "FAULTED" and perms(s.start, s.end) != {{"---p"}}]
-live_bad = [s.start for s in h._h.walk() if s.state.name == "IN_USE" and perms(s.base, s.limit) != {{"rw-p"}}]
+bad = [s.start for s in h._h.walk() if s.state == SpanState.FAULTED and perms(s.start, s.end) != {{"---p"}}]
+live_bad = [s.start for s in h._h.walk() if s.state == SpanState.IN_USE and perms(s.base, s.limit) != {{"rw-p"}}]
 st = h.stats()
 report(dict(free_err=free_err, malloc_err=malloc_err, still_live=free_err and still_live,
             freed=freed, frees=st.frees, nmaps=len(maps), bad=len(bad), live_bad=len(live_bad),
