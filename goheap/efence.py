@@ -282,11 +282,11 @@ class EFence:
                 raise HeapCorruption(f"efence: faulted {s!r} not marked freed (bits {bits:#x})")
             self._check_geometry(s)
         for addr, (lo, n) in self.guards.items():
-            s = self.h.span_of(addr)
-            if s is None or s.state != SpanState.IN_USE or not s.start <= lo < lo + n <= s.end:
-                raise HeapCorruption(f"efence: guard {lo:#x}+{n:#x} belongs to no live span {s!r}")
-            if lo < s.limit and s.base < lo + n:
-                raise HeapCorruption(f"efence: guard {lo:#x}+{n:#x} overlaps object of {s!r}")
+            g = self.h.span_of(addr)
+            if g is None or g.state != SpanState.IN_USE or not g.start <= lo < lo + n <= g.end:
+                raise HeapCorruption(f"efence: guard {lo:#x}+{n:#x} belongs to no live span {g!r}")
+            if lo < g.limit and g.base < lo + n:
+                raise HeapCorruption(f"efence: guard {lo:#x}+{n:#x} overlaps object of {g!r}")
         if (
             self.quarantine is not None
             and self.faulted_bytes > self.quarantine

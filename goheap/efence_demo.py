@@ -23,6 +23,7 @@ import signal
 import statistics
 import sys
 import timeit
+from collections.abc import Callable
 
 import goheap
 from goheap.efence import fault_address, report_faults
@@ -113,6 +114,15 @@ def overrun() -> int | None:
         return _show_crash(h, p + 13, "an off-by-one loop writes byte [13]")
 
 
+def _pair(h: goheap.Heap, size: int) -> Callable[[], None]:
+    m, f = h.malloc, h.free
+
+    def pair() -> None:
+        f(m(size))
+
+    return pair
+
+
 def cost(size: int = 100, number: int = 2000, repeat: int = 7) -> dict[str, float]:
     """Seconds per malloc(size)+free, median of ``repeat`` timeit runs of
     ``number`` pairs each, for a normal heap, efence, and efence with a 1 MiB
@@ -125,8 +135,7 @@ def cost(size: int = 100, number: int = 2000, repeat: int = 7) -> dict[str, floa
     try:
         for _ in range(repeat):
             for name, h in heaps.items():
-                m, f = h.malloc, h.free
-                t = timeit.timeit(lambda m=m, f=f: f(m(size)), number=number)
+                t = timeit.timeit(_pair(h, size), number=number)
                 runs[name].append(t / number)
     finally:
         for h in heaps.values():

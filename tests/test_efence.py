@@ -22,16 +22,18 @@ import signal
 import time
 
 import pytest
+from osview import died_of_fault, mappings, rss, run_child
 
 import goheap
 from goheap import _native, mem
 from goheap.efence import fault_address
 from goheap.mspan import SpanState
-from osview import died_of_fault, mappings, rss, run_child
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 REAL_PAGE = _native.os_page_size()
-PAGE_SIZES = sorted({REAL_PAGE, 16 * KiB, 64 * KiB} - {p for p in (16 * KiB, 64 * KiB) if p < REAL_PAGE})
+PAGE_SIZES = sorted(
+    {REAL_PAGE, 16 * KiB, 64 * KiB} - {p for p in (16 * KiB, 64 * KiB) if p < REAL_PAGE}
+)
 FAULTS = {int(signal.SIGSEGV), int(signal.SIGBUS)}
 LARGE_SIZES = (32 * KiB + 1, 40_000, 100_000, MiB + 3)
 
@@ -395,11 +397,17 @@ def test_efence_quarantine_bounds_address_space_and_rss(page, record_property):
     figures, seconds, st = quarantine_run(page, cycles)
     check_quarantine_figures(page, figures, st, cycles)
     last = figures[-1]
-    record_property("quarantine", dict(page=page, seconds=round(seconds, 2), **{
-        k: v for k, v in last.items() if k != "stats"}))
-    print(f"\nquarantine 1 MiB, os page {page}: {cycles} cycles in {seconds:.1f}s, arena "
-          f"{last['arena']} B, rw {last['mapped_rw']} B, faulted {last['faulted_maps']} B, "
-          f"RSS +{last['rss_growth']} B")
+    record_property(
+        "quarantine",
+        dict(
+            page=page, seconds=round(seconds, 2), **{k: v for k, v in last.items() if k != "stats"}
+        ),
+    )
+    print(
+        f"\nquarantine 1 MiB, os page {page}: {cycles} cycles in {seconds:.1f}s, arena "
+        f"{last['arena']} B, rw {last['mapped_rw']} B, faulted {last['faulted_maps']} B, "
+        f"RSS +{last['rss_growth']} B"
+    )
 
 
 @pytest.mark.slow
@@ -408,9 +416,11 @@ def test_efence_quarantine_one_million_cycles(page):
     figures, seconds, st = quarantine_run(page, cycles)
     check_quarantine_figures(page, figures, st, cycles)
     last = figures[-1]
-    print(f"\nquarantine 1 MiB, os page {page}: {cycles} cycles in {seconds:.1f}s, arena "
-          f"{last['arena']} B, rw {last['mapped_rw']} B, faulted {last['faulted_maps']} B, "
-          f"RSS +{last['rss_growth']} B")
+    print(
+        f"\nquarantine 1 MiB, os page {page}: {cycles} cycles in {seconds:.1f}s, arena "
+        f"{last['arena']} B, rw {last['mapped_rw']} B, faulted {last['faulted_maps']} B, "
+        f"RSS +{last['rss_growth']} B"
+    )
 
 
 def test_efence_use_after_free_within_quarantine_still_faults(page):
@@ -456,7 +466,7 @@ def test_efence_free_that_cannot_fault_leaves_the_object_live(page):
         p = h.malloc(300)
         h.view(p)[:3] = b"abc"
         m.inject("fault", nth=1)
-        with pytest.raises(goheap.OutOfMemory, match="cannot fault its span.*still live"):
+        with pytest.raises(goheap.OutOfMemory, match=r"cannot fault its span.*still live"):
             h.free(p)
         assert h.lookup(p) == (p, 304)
         assert Maps().perms(p, 304) == {"rw-p"}
@@ -581,7 +591,8 @@ def test_efence_vm_max_map_count_runs_out_cleanly():
     limit = int(open("/proc/sys/vm/max_map_count").read())
     if limit > 300_000:
         pytest.skip(f"vm.max_map_count={limit}: too many mappings to fill in a test")
-    out = run(f"""
+    out = run(
+        f"""
 h = heap({REAL_PAGE}, arena_size=(({limit} + 1000) * 8192 * 2 // (1 << 30) + 1) << 30)
 g = heap({REAL_PAGE}, arena_size=1 << 30, guard=True)
 g.free(g.malloc(1))
@@ -625,7 +636,9 @@ st = h.stats()
 report(dict(free_err=free_err, malloc_err=malloc_err, still_live=free_err and still_live,
             freed=freed, frees=st.frees, nmaps=len(maps), bad=len(bad), live_bad=len(live_bad),
             g_frees=g.stats().frees))
-""", timeout=300)
+""",
+        timeout=300,
+    )
     assert out["free_err"] and "max_map_count" in out["free_err"], out
     assert "still live" in out["free_err"]
     assert out["still_live"]
@@ -651,7 +664,11 @@ def test_efence_spans_are_whole_os_pages_and_faulting_spares_neighbours(page):
             after = Maps()
             for s in spans(h):
                 if s.state == SpanState.IN_USE:
-                    assert after.perms(s.start, s.nbytes) == before.perms(s.start, s.nbytes) == {"rw-p"}
+                    assert (
+                        after.perms(s.start, s.nbytes)
+                        == before.perms(s.start, s.nbytes)
+                        == {"rw-p"}
+                    )
         assert_kernel_agrees(h)
         assert_books(h, len(ps), len(ps[1::3]))
         for p in ps:
@@ -668,10 +685,14 @@ def test_efence_explain_every_kind_of_address(page):
         h.free(dead)
         unit = h._efence.unit
         assert h.explain(live + 3) == f"{live + 3:#x} is 3 bytes into live object [{live:#x}, +10)"
-        assert "guard page" in h.explain(live + 10) and "overrun, 1 byte past the end" in h.explain(live + 10)
+        assert "guard page" in h.explain(live + 10) and "overrun, 1 byte past the end" in h.explain(
+            live + 10
+        )
         assert "1 byte before it, not faulted" in h.explain(live - 1)
         e = h.explain(dead + 299)
-        assert f"at offset 299 of freed efence object [{dead:#x}, +300)" in e and "use after free" in e
+        assert (
+            f"at offset 299 of freed efence object [{dead:#x}, +300)" in e and "use after free" in e
+        )
         assert "1 byte past the end of freed efence object" in h.explain(dead + 300)
         assert "outside the heap" in h.explain(0x1000)
         assert "reserved arena" in h.explain(h.arena_end - unit)
@@ -728,3 +749,33 @@ ctypes.memset(p, 1, 1)
         env=env,
     )
     assert died_of_fault(proc), proc
+
+
+# ---- 7. the demo, and what efence costs ------------------------------------------------------
+
+
+def test_efence_demo_tour_catches_both_bugs_and_explains_them():
+    proc = run_child("from goheap import efence_demo\nefence_demo.tour()\n", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    reported = [int(a, 16) for a in re.findall(r"goheap: SIGSEGV at (0x[0-9a-f]+)", out)]
+    assert len(reported) == 2 and out.count("child died of SIGSEGV") == 2, out
+    uaf, over = reported
+    assert f"{uaf:#x} is at offset 8 of freed efence object" in out and "use after free" in out
+    assert f"{over:#x} is in the guard page" in out and "overrun, 1 byte past the end" in out
+    assert re.search(r"efence \d+\.\d+ us \(x\d+\)", out), out
+
+
+def test_efence_cost_against_normal_mode():
+    from goheap import efence_demo
+
+    c = efence_demo.cost(number=300, repeat=3)
+    print(
+        f"\nmalloc(100)+free: normal {c['normal'] * 1e9:.0f} ns, efence {c['efence'] * 1e9:.0f} ns "
+        f"(x{c['ratio_efence']:.0f}), efence+quarantine {c['efence_quarantine'] * 1e9:.0f} ns "
+        f"(x{c['ratio_efence_quarantine']:.0f})"
+    )
+    # efence pays at least two syscalls per pair (mprotect + madvise); the
+    # C fast path pays none.
+    assert c["efence"] > c["normal"] and c["efence_quarantine"] > c["normal"]
+    assert c["ratio_efence"] == c["efence"] / c["normal"]
