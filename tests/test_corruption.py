@@ -18,6 +18,7 @@ import pytest
 import goheap
 from goheap import _native
 from goheap.errors import HeapCorruption
+from goheap.mspan import SpanState
 
 SIZE = 48  # one small class
 
@@ -146,4 +147,4 @@ def test_corrupt_spans_table_entry_is_named(h):
         h.check()
     _native.write_word(slot, old)
     h.check()
-    assert s.state.name == "IN_USE"
+    assert s.state == SpanState.IN_USE
