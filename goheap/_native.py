@@ -33,6 +33,7 @@ MISS: int = lib.GH_MISS
 EINVALID: int = lib.GH_EINVALID
 EDOUBLE: int = lib.GH_EDOUBLE
 ECORRUPT: int = lib.GH_ECORRUPT
+EBUSY: int = lib.GH_EBUSY
 FREED_LARGE: int = lib.GH_FREED_LARGE
 MSPAN_IN_USE: int = lib.GH_MSPAN_IN_USE
 MSPAN_FREE: int = lib.GH_MSPAN_FREE
@@ -260,6 +261,18 @@ def mcentral_list(h: Any, cl: int, max_n: int) -> list[int] | None:
         return None
     ensure(st, "mcentral_list", cl)
     return [int(out[i]) for i in range(n[0])]
+
+
+def large_free(h: Any, v: int) -> int:
+    """Mark live large/efence object v free; OK, EDOUBLE or EINVALID."""
+    st = int(lib.gh_large_free(h, v))
+    if st not in (OK, EDOUBLE, EINVALID):
+        ensure(st, "large_free", 0, v)
+    return st
+
+
+def mheap_freeze(h: Any, frozen: bool) -> None:
+    ensure(lib.gh_mheap_freeze(h, int(frozen)), "mheap_freeze")
 
 
 def mcache_counts(h: Any) -> tuple[list[int], list[int]]:

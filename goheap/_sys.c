@@ -646,6 +646,10 @@ static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero)
     cl = size <= 1024 ? h->size_to_class8[(size + 7) >> 3]
                       : h->size_to_class128[(size - 1024 + 127) >> 7];
     heap_lock(h);
+    if (h->frozen) {
+        heap_unlock(h);
+        return (uintptr_t)-GH_MISS; /* the slow path waits for check() */
+    }
     s = h->alloc[cl];
     if (s == NULL || s->freelist == 0) {
         /* MCache_Refill's common case: swap in the next span with room.  The
@@ -693,8 +697,9 @@ uintptr_t gh_mcache_alloc_nozero(gh_mheap *h, uintptr_t size)
 }
 
 /* free(v).  Returns 0, a GH_E* status (< 0, nothing changed), or
- * GH_FREED_LARGE: v was a large/efence object whose span Python now frees
- * (the bitmap already says "free"). */
+ * GH_FREED_LARGE: v is a live large/efence object; nothing is changed yet,
+ * Python frees it under the heap lock (gh_large_free, then the span), so
+ * that no one ever sees a span half freed. */
 int gh_mcache_free(gh_mheap *h, uintptr_t v)
 {
     gh_mspan *s;
@@ -705,6 +710,10 @@ int gh_mcache_free(gh_mheap *h, uintptr_t v)
     if (v < h->arena_start || v >= h->arena_used || v % GH_PTR_SIZE != 0)
         return GH_EINVALID;
     heap_lock(h);
+    if (h->frozen) {
+        heap_unlock(h);
+        return GH_EBUSY;
+    }
     bits = bitmap_bits(h, v);
     if (!(bits & GH_BIT_ALLOCATED)) {
         heap_unlock(h);
@@ -715,12 +724,11 @@ int gh_mcache_free(gh_mheap *h, uintptr_t v)
         heap_unlock(h);
         return GH_ECORRUPT;
     }
-    bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
     if (s->sizeclass == 0) {
-        s->ref--;
         heap_unlock(h);
         return GH_FREED_LARGE;
     }
+    bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
     ((uintptr_t *)v)[0] = s->freelist;
     if (s->elemsize > 2 * GH_PTR_SIZE)
         ((uintptr_t *)v)[1] = GH_DIRTY_MARKER;
@@ -731,6 +739,46 @@ int gh_mcache_free(gh_mheap *h, uintptr_t v)
     s->freelist = v;
     s->ref--;
     h->nfree[s->sizeclass]++;
+    heap_unlock(h);
+    return GH_OK;
+}
+
+/* The first half of freeing large/efence object v, under Python's heap lock:
+ * check again (another thread may have freed it since gh_mcache_free said
+ * GH_FREED_LARGE) and mark it free.  Python then frees or faults the span. */
+int gh_large_free(gh_mheap *h, uintptr_t v)
+{
+    gh_mspan *s;
+    uint64_t bits;
+    int st = GH_OK;
+    if (h == NULL || h->arena_start == 0)
+        return GH_EARG;
+    if (v < h->arena_start || v >= h->arena_used || v % GH_PTR_SIZE != 0)
+        return GH_EINVALID;
+    heap_lock(h);
+    bits = bitmap_bits(h, v);
+    s = *spans_slot(h, v);
+    if (!(bits & GH_BIT_ALLOCATED))
+        st = (bits & GH_BIT_BOUNDARY) ? GH_EDOUBLE : GH_EINVALID;
+    else if (s == NULL || s->state != GH_MSPAN_IN_USE || s->sizeclass != 0 || s->ref != 1)
+        st = GH_ECORRUPT;
+    else {
+        bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
+        s->ref = 0;
+    }
+    heap_unlock(h);
+    return st;
+}
+
+/* Freeze (1) or thaw (0) the fast paths: while frozen, alloc reports a miss
+ * and free GH_EBUSY, so both go to Python's slow path and wait for the heap
+ * lock that check() holds.  Calls already inside the C lock finish first. */
+int gh_mheap_freeze(gh_mheap *h, int frozen)
+{
+    if (h == NULL)
+        return GH_EARG;
+    heap_lock(h);
+    h->frozen = frozen != 0;
     heap_unlock(h);
     return GH_OK;
 }

@@ -40,8 +40,7 @@
 #define GH_EINVALID   (-4)   /* free: not the start of a live object */
 #define GH_EDOUBLE    (-5)   /* free: the object is already free */
 #define GH_ECORRUPT   (-6)   /* a free-list link points outside its span */
-#define GH_ELARGE     (-7)   /* free: the address is a large object; Python frees the span */
-#define GH_EFAULTED   (-8)   /* free: the address is in an efence (faulted/efence) span */
+#define GH_EBUSY      (-7)   /* the heap is frozen for check(): retry under the heap lock */
 
 /* ---- span states (MSpan.state) ------------------------------------------ */
 #define GH_MSPAN_IN_USE    0
@@ -100,7 +99,7 @@ typedef struct gh_mheap {
     uint64_t  nmalloc[GH_NUM_SIZE_CLASSES];/* small objects handed out         */
     uint64_t  nfree[GH_NUM_SIZE_CLASSES];  /* small objects freed              */
     int32_t   lock;                        /* spinlock: each C call is atomic  */
-    int32_t   pad2;
+    int32_t   frozen;                      /* check() runs: fast paths defer   */
 } gh_mheap;
 
 
@@ -140,6 +139,8 @@ int gh_mcache_swap(gh_mheap *h, uint32_t cl, gh_mspan *s, uintptr_t *old);
 int gh_mcentral_take_empty(gh_mheap *h, uint32_t cl, uintptr_t *out, uintptr_t max, uintptr_t *n);
 int gh_mcentral_list(gh_mheap *h, uint32_t cl, uintptr_t *out, uintptr_t max, uintptr_t *n);
 int gh_mcache_counts(gh_mheap *h, uint64_t *nmalloc, uint64_t *nfree);
+int gh_large_free(gh_mheap *h, uintptr_t v);                  /* 0, GH_EDOUBLE, GH_EINVALID */
+int gh_mheap_freeze(gh_mheap *h, int frozen);
 int gh_memclr(uintptr_t v, uintptr_t n);
 
 /* ---- fault reporter (efence diagnosis) ------------------------------------ */

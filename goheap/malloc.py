@@ -87,6 +87,7 @@ _mcache_alloc = _native.mcache_alloc
 _mcache_alloc_nozero = _native.mcache_alloc_nozero
 _mcache_free = _native.mcache_free
 _FREED_LARGE = _native.FREED_LARGE
+_EBUSY = _native.EBUSY
 _EDOUBLE = _native.EDOUBLE
 _EINVALID = _native.EINVALID
 _EARG = _native.EARG
@@ -99,7 +100,6 @@ def _after_fork_in_child() -> None:
     # the child, where that thread does not exist.
     for h in list(_live_heaps):
         h._reinit_locks()
-        h._finish_interrupted_frees()
 
 
 _held_at_fork: list[Heap] = []
@@ -218,29 +218,7 @@ class Heap:
         self._h.lock = threading.RLock()
         self._lock = self._h.lock
         self._c.lock = 0
-
-    def _finish_interrupted_frees(self) -> None:
-        """In a forked child: finish the large frees that C had accepted (bitmap
-        says free, ref 0) while their threads waited for the lock _before_fork
-        held.  Those threads do not exist here, so nobody else would (issue 8)."""
-        if self._closed:
-            return
-        h = self._h
-        for s in list(h.walk()):
-            if (
-                s.state != SpanState.IN_USE
-                or s.sizeclass != 0
-                or s.ref != 0
-                or _native.bitmap_get(self._c, s.base) & _native.BIT_ALLOCATED
-            ):
-                continue
-            if self._efence is not None:
-                self._efence.free(s)
-            else:
-                _native.bitmap_set(self._c, s.base, 0, _native.BIT_BOUNDARY)
-                h.free_span_locked(s)
-            self._nlargefree += 1
-            self._largefree += s.elemsize
+        self._c.frozen = 0  # a check() in another thread at fork time never ends here
 
     # ---- read-only arena fields --------------------------------------------------------
 
@@ -351,11 +329,18 @@ class Heap:
     def _free_slow(self, v: Any, st: int | None) -> None:
         if st is None:
             raise TypeError(f"free() takes an int address, not {type(v).__name__}")
+        if st == _EBUSY:
+            with self._lock:  # check() froze the fast path; it is done once we hold the lock
+                st = _mcache_free(self._c, v)
+            if st == 0:
+                return
         if st == _EARG:
             raise HeapClosed("free on a closed heap")
+        marked = False
         if st == _EINVALID and self._efence is not None and v & 7:
             with self._lock:  # efence align < 8: objects C cannot see (efence.py)
                 st = self._efence.free_unaligned(v)
+                marked = True
         if st == _EDOUBLE:
             raise DoubleFree(f"free({v:#x}): double free of an object")
         if st == _EINVALID:
@@ -370,6 +355,15 @@ class Heap:
                     if self._efence is not None and self._efence.refuse_word_free(s, v):
                         raise InvalidFree(f"free({v:#x}): not the start of a live object")
                     raise HeapCorruption(f"free({v:#x}): bitmap says large object, span {s!r}")
+                if not marked:
+                    # C only looked; mark it now, under the lock, so that a racing
+                    # second free of v is a DoubleFree and check() never sees a
+                    # span half freed.
+                    st = _native.large_free(self._c, v)
+                    if st == _EDOUBLE:
+                        raise DoubleFree(f"free({v:#x}): double free of an object")
+                    if st == _EINVALID:
+                        raise InvalidFree(f"free({v:#x}): not the start of a live object")
                 if self._efence is not None:
                     self._efence.free(s)  # on failure the object stays live
                 else:
@@ -528,7 +522,14 @@ class Heap:
         with self._lock:
             if self._closed:
                 raise HeapClosed("check on a closed heap")
-            self._check_locked()
+            # Other threads' C fast paths do not take the Python lock: freeze
+            # them (they fall back to the slow path, which waits for this lock)
+            # so the walk sees one consistent heap.
+            _native.mheap_freeze(self._c, True)
+            try:
+                self._check_locked()
+            finally:
+                _native.mheap_freeze(self._c, False)
 
     def _check_locked(self) -> None:
         h = self._h

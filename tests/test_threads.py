@@ -166,24 +166,13 @@ def test_threads_stress_cookies_and_exact_stats(fast_switch):
         h.check()
 
 
-RACE = "check() beside the C fast path can see a half-done malloc/free (issue 8 report)"
-
-
-@pytest.mark.parametrize(
-    "with_check",
-    [False, pytest.param(True, marks=pytest.mark.xfail(reason=RACE, strict=False))],
-    ids=["stats-scavenge", "check"],
-)
+@pytest.mark.parametrize("with_check", [False, True], ids=["stats-scavenge", "check"])
 def test_threads_check_and_stats_run_beside_allocating_threads(fast_switch, with_check):
-    """stats() and scavenge() (and check()) from one thread while others allocate.
+    """stats(), scavenge() and check() from one thread while others allocate.
 
-    check() beside running threads is a known gap (issue 8 report): the C fast
-    path does not take the heap's Python lock, so check() can walk a span, let a
-    malloc/free run, and then compare with counters that moved; and a large
-    free is marked in the bitmap by C before Python frees its span under the
-    lock.  The heap itself is fine (the final check() passes); check() needs a
-    way to stop the fast path while it walks.  Until then the check variant is
-    an xfail that still runs (it usually fails within a second)."""
+    check() freezes the C fast paths while it walks (they fall back to the slow
+    path and wait for the heap lock), and a large free is marked and undone
+    only under that lock, so every check() sees one consistent heap."""
     with goheap.Heap(arena_size=1 << 30) as h:
         s = Stress(h, 4, ops_per_thread=3000)
         stop = threading.Event()
