@@ -382,6 +382,10 @@ h.close()
 """
 
 
+@pytest.mark.skipif(
+    "libasan" in os.environ.get("LD_PRELOAD", ""),
+    reason="ASan's shadow memory and allocator do not live under RLIMIT_AS/RLIMIT_DATA",
+)
 @pytest.mark.parametrize("limit", ["as", "data"])
 def test_faults_rlimit_child_allocates_until_oom_frees_and_recovers(limit):
     """Real pressure: a resource limit a little above the child's size."""
