@@ -2,9 +2,10 @@
 
 See goheap/malloc.py for the overview.
 
-Three tiers, named by cost (as mimalloc's MI_DEBUG): ``throw`` is always on;
-level >= 2 adds O(1) internal checks; level >= 3 runs ``Heap.check()`` (O(heap))
-after every public mutating call.  Set with GOHEAP_DEBUG=N or ``set_level``.
+Tiers, named by cost (as mimalloc's MI_DEBUG): ``throw()`` and the C core's
+link and bitmap validation are always on (level 1, the default); level >= 3
+runs ``Heap.check()`` (O(heap)) after every malloc and free of heaps created
+while it is set.  Set with GOHEAP_DEBUG=N or ``set_level``.
 """
 
 from __future__ import annotations

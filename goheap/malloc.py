@@ -56,7 +56,7 @@ import threading
 import weakref
 from typing import Any
 
-from goheap import _native, mtrace
+from goheap import _native, debug, mtrace
 from goheap.block import Block, new_block, new_ndarray
 from goheap.efence import EFence
 from goheap.errors import DoubleFree, HeapClosed, HeapCorruption, InvalidFree, OutOfMemory
@@ -207,9 +207,26 @@ class Heap:
         the documented interface and the reference implementation; anything but
         a plain hit goes to the same slow paths, through weak references so the
         Heap is never kept alive by them."""
-        self.malloc, self.free = _native.fast_methods(  # type: ignore[method-assign]
+        malloc, free = _native.fast_methods(
             self._c, weakref.WeakMethod(self._malloc_slow), weakref.WeakMethod(self._free_slow)
         )
+        if debug.level >= 3:
+            malloc, free = self._checked(malloc), self._checked(free)
+        self.malloc, self.free = malloc, free  # type: ignore[method-assign]
+
+    def _checked(self, call: Any) -> Any:
+        """GOHEAP_DEBUG=3: run check() after every malloc and free (O(heap) each)."""
+        ref = weakref.ref(self)
+
+        def checked(*args: Any, **kw: Any) -> Any:
+            r = call(*args, **kw)
+            h = ref()
+            if h is not None:
+                h.check()
+            return r
+
+        checked.__doc__ = call.__doc__
+        return checked
 
     def _reclaim(self) -> int:
         return sum(c.reclaim() for c in self._central[1:])
