@@ -593,7 +593,8 @@ def test_efence_vm_max_map_count_runs_out_cleanly():
         pytest.skip(f"vm.max_map_count={limit}: too many mappings to fill in a test")
     out = run(
         f"""
-h = heap({REAL_PAGE}, arena_size=(({limit} + 1000) * 8192 * 2 // (1 << 30) + 1) << 30)
+unit = max(8192, {REAL_PAGE})
+h = heap({REAL_PAGE}, arena_size=(({limit} + 4000) * unit // (1 << 30) + 2) << 30)
 g = heap({REAL_PAGE}, arena_size=1 << 30, guard=True)
 g.free(g.malloc(1))
 ps = [h.malloc(8) for _ in range({limit} + 4000)]
