@@ -105,10 +105,10 @@ binfmt() {
 # Packages every guest userland needs: a compiler and Python headers to build
 # goheap's cffi extension, and the test dependencies, all from Debian so that
 # no PyPI is needed inside (and none of it is fetched by emulated code).
-# The suite is trixie: bookworm's cffi 1.15 and hypothesis 6.67 are below
-# pyproject's floors (cffi 1.15 always defines Py_LIMITED_API, so the
-# extension's PyGILState_Check does not compile).  python3-ply is named
-# because debootstrap cannot resolve the virtual package pycparser needs.
+# The suite is trixie where it can be (newer Python and pytest); the cffi and
+# hypothesis that goheap needs come as wheels (GUEST_WHEELS below).
+# python3-ply is named because debootstrap cannot resolve the virtual package
+# pycparser needs.
 GUEST_PKGS=python3,python3-dev,python3-cffi,python3-ply,python3-setuptools,python3-psutil,python3-pytest,python3-hypothesis,python3-numpy,gcc,libc6-dev
 
 # suite_for ARCH: the Debian release of that architecture's guest root and kernel.
@@ -124,32 +124,41 @@ suite_for() {
     esac
 }
 
-# On bookworm, two Debian packages are below pyproject's floors (cffi 1.15
-# cannot build the extension, see above; hypothesis 6.67 < 6.80).  Their
-# wheels are fetched on the host with pip (from PyPI, like `make test` does)
-# and unpacked into the guest's /usr/local, which Debian's python3 searches
-# first; pip never runs emulated.
-BOOKWORM_WHEELS="cffi==1.17.1 hypothesis==6.170.17"
+# Debian's cffi is below what build_ffi.py needs: it builds with
+# py_limited_api=False (PyGILState_Check is not in the limited API), and only
+# cffi >= 2.0 turns that into _CFFI_NO_LIMITED_API when building through
+# setuptools (bookworm has 1.15, trixie 1.17).  bookworm's hypothesis (6.67)
+# is also below pyproject's floor.  So these wheels are fetched on the host
+# with pip (from PyPI, as `make test` does) and unpacked into the guest's
+# /usr/local, which Debian's python3 searches first; pip never runs emulated.
+GUEST_WHEELS="cffi==2.1.1 hypothesis==6.170.17"
 
-add_floor_wheels() {
-    local arch=$1 root=$2 plat dir=$WORK/wheels-$1
+# guest_wheels ARCH ROOT: (re)install GUEST_WHEELS into ROOT unless it has them.
+guest_wheels() {
+    local arch=$1 root=$2 plat dir=$WORK/wheels-$1 pyver site w
+    [ "$(cat "$root/.lane-wheels" 2>/dev/null)" = "$GUEST_WHEELS" ] && return 0
     case $arch in
         arm64) plat=manylinux2014_aarch64 ;;
         ppc64el) plat=manylinux2014_ppc64le ;;
         *) die "no wheel platform for $arch" ;;
     esac
+    pyver=$(cd "$root/usr/lib" && ls -d python3.[0-9]* | sort -V | tail -1)
+    pyver=${pyver#python}
+    [ -n "$pyver" ] || die "no python3 in the $arch root"
     rm -rf "$dir"
     # shellcheck disable=SC2086
     python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
-        --platform "$plat" --python-version 3.11 --implementation cp --abi cp311 \
-        -d "$dir" $BOOKWORM_WHEELS >"$WORK/wheels-$arch.log" 2>&1 \
-        || skip "pip download of $BOOKWORM_WHEELS for $arch failed: $(tail -2 "$WORK/wheels-$arch.log")"
-    local site=$root/usr/local/lib/python3.11/dist-packages w
+        --platform "$plat" --python-version "$pyver" --implementation cp --abi "cp${pyver/./}" \
+        -d "$dir" $GUEST_WHEELS >"$WORK/wheels-$arch.log" 2>&1 \
+        || skip "pip download of $GUEST_WHEELS for $arch failed: $(tail -2 "$WORK/wheels-$arch.log")"
+    site=$root/usr/local/lib/python$pyver/dist-packages
+    rm -rf "$site"
     mkdir -p "$site"
     for w in "$dir"/*.whl; do
         python3 -m zipfile -e "$w" "$site" || die "cannot unpack $w"
     done
     rm -rf "$dir"
+    echo "$GUEST_WHEELS" >"$root/.lane-wheels"
 }
 
 # rootfs ARCH: set ROOTFS to the path of a cached Debian $SUITE minbase root for ARCH
@@ -160,8 +169,8 @@ rootfs() {
     local arch=$1 root=$WORK/rootfs-$1 suite
     suite=$(suite_for "$1")
     local recipe="$suite $MIRROR $GUEST_PKGS v1"
-    [ "$suite" != bookworm ] || recipe="$recipe + $BOOKWORM_WHEELS"
     if [ -f "$root/.lane-recipe" ] && [ "$(cat "$root/.lane-recipe")" = "$recipe" ]; then
+        timed "wheels ($arch)" guest_wheels "$arch" "$root"
         ROOTFS=$root
         return 0
     fi
@@ -186,7 +195,7 @@ rootfs() {
         chroot "$tmp" /debootstrap/debootstrap --second-stage \
         || die "debootstrap second stage for $arch failed: $(tail -5 "$WORK/debootstrap-$arch.log")"
     rm -rf "$tmp"/var/cache/apt/archives/*.deb "$tmp"/var/lib/apt/lists/*_Packages
-    [ "$suite" != bookworm ] || timed "floor wheels ($arch)" add_floor_wheels "$arch" "$tmp"
+    timed "wheels ($arch)" guest_wheels "$arch" "$tmp"
     echo "$recipe" >"$tmp/.lane-recipe"
     mv "$tmp" "$root"
     ROOTFS=$root
