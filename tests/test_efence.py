@@ -78,19 +78,13 @@ class Maps:
 
     def perms(self, v, n):
         """The set of protections over [v, v+n); '' marks a gap."""
-        seen = set()
-        i = max(bisect.bisect_right(self.starts, v) - 1, 0)
-        pos = v
-        while pos < v + n and i < len(self.maps):
-            m = self.maps[i]
-            i += 1
-            if m.end <= pos:
-                continue
-            if m.start > pos:
-                seen.add("")
-            seen.add(m.perms)
-            pos = m.end
-        if pos < v + n:
+        lo = max(bisect.bisect_right(self.starts, v) - 1, 0)
+        hi = bisect.bisect_left(self.starts, v + n)
+        over = [m for m in self.maps[lo:hi] if m.end > v]
+        seen = {m.perms for m in over}
+        # a gap: before the first mapping, between two, or after the last
+        edges = [v] + [e for m in over for e in (m.start, m.end)] + [v + n]
+        if any(a < b for a, b in zip(edges[::2], edges[1::2], strict=True)):
             seen.add("")
         return seen
 
