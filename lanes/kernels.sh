@@ -148,7 +148,7 @@ run_lane() {
     say "booting: ${qemu[*]}"
     local t=${LANE_VM_TIMEOUT:-1500}
     timed "boot + pytest ($name)" timeout --kill-after=15 "$t" "${qemu[@]}" </dev/null 2>&1 \
-        | tr -d '\r' | tee "$log" >&2 || true
+        | sed -u 's/\r$//' | tee "$log" >&2 || true
     rm -f "$img"
     grep -a -q '^GOHEAP-LANE-RESULT: PASS' "$log" && return 0
     if grep -a -q '^GOHEAP-LANE-RESULT: FAIL' "$log"; then
