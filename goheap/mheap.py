@@ -248,9 +248,15 @@ class MHeap:
 
     def _reserve_more_32(self, n: int) -> None:
         p_size = round_up(n + self.align, ARENA32_GROW)
+        window_end = self.arena_start + MAX_ARENA32
+        if self.arena_end + p_size > window_end:
+            # goheap: Go gave up here and went to SysAlloc anywhere, which near
+            # the top of the window lands misaligned and leaves a hole per call.
+            # Take what is left of the window instead, if n fits in it.
+            p_size = round_down(window_end - self.arena_end, self.align)
+            if p_size <= 0 or p_size + (self.arena_end - self.arena_used) < n:
+                return
         new_end = self.arena_end + p_size
-        if new_end > self.arena_start + MAX_ARENA32:
-            return
         p = None
         try:
             p = self.mem.sys_reserve(self.arena_end, p_size, exact=True)
