@@ -15,7 +15,7 @@ set -euo pipefail
 LANES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$LANES_DIR/.." && pwd)
 WORK=${LANES_WORK:-$LANES_DIR/work}
-SUITE=${LANES_SUITE:-trixie}
+SUITE=${LANES_SUITE:-bookworm}
 mkdir -p "$WORK"
 
 # The Debian mirror this host's apt already uses (the only archive reachable).
@@ -105,16 +105,18 @@ binfmt() {
 # Packages every guest userland needs: a compiler and Python headers to build
 # goheap's cffi extension, and the test dependencies, all from Debian so that
 # no PyPI is needed inside (and none of it is fetched by emulated code).
-# The suite is trixie where it can be (newer Python and pytest); the cffi and
-# hypothesis that goheap needs come as wheels (GUEST_WHEELS below).
+# The suite is bookworm (Python 3.11, as on the host).  trixie was tried: its
+# debootstrap second stage ran over 25 minutes emulated here (bookworm: ~5),
+# and its ppc64el pool lacks files (below).  The cffi and hypothesis goheap
+# needs come as wheels (GUEST_WHEELS below).
 # python3-ply is named because debootstrap cannot resolve the virtual package
 # pycparser needs.
 GUEST_PKGS=python3,python3-dev,python3-cffi,python3-ply,python3-setuptools,python3-psutil,python3-pytest,python3-hypothesis,python3-numpy,gcc,libc6-dev
 
 # suite_for ARCH: the Debian release of that architecture's guest root and kernel.
-# ppc64el uses bookworm: on the archive reachable here, trixie's ppc64el pool
-# lacks the latest point release's files (libc6, apt, base-files and the
-# kernel answer 404), so a trixie ppc64el root cannot be fetched.
+# ppc64el stays on bookworm even if LANES_SUITE says trixie: on the archive
+# reachable here, trixie's ppc64el pool lacks the latest point release's files
+# (libc6, apt, base-files and the kernel answer 404).
 # LANES_SUITE_<arch> overrides.
 suite_for() {
     case $1 in
