@@ -195,46 +195,42 @@ void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off)
     __attribute__((alias("mmap")));
 
-int munmap(void *addr, size_t len)
+/*
+ * The calls that take a range: the address must be fake-page aligned, the
+ * length is rounded up to whole fake pages, as the big-page kernel does.
+ * wrap_errno is what the kernel says for a length that cannot be rounded.
+ */
+static int range_call(const char *fn, long nr, void *addr, size_t len, long arg, int wrap_errno)
 {
     shim_init();
-    if (misaligned(addr) || len == 0) {
-        errno = len ? reject("munmap", addr, len) : EINVAL;
+    if (misaligned(addr)) {
+        errno = reject(fn, addr, len);
         return -1;
     }
     if (len_wraps(len)) {
+        errno = wrap_errno;
+        return -1;
+    }
+    return (int)syscall(nr, addr, round_up(len), arg);
+}
+
+int munmap(void *addr, size_t len)
+{
+    if (len == 0) {
         errno = EINVAL;
         return -1;
     }
-    return sys_munmap(addr, round_up(len));
+    return range_call("munmap", SYS_munmap, addr, len, 0, EINVAL);
 }
 
 int mprotect(void *addr, size_t len, int prot)
 {
-    shim_init();
-    if (misaligned(addr)) {
-        errno = reject("mprotect", addr, len);
-        return -1;
-    }
-    if (len_wraps(len)) {
-        errno = ENOMEM;
-        return -1;
-    }
-    return (int)syscall(SYS_mprotect, addr, round_up(len), prot);
+    return range_call("mprotect", SYS_mprotect, addr, len, prot, ENOMEM);
 }
 
 int madvise(void *addr, size_t len, int advice)
 {
-    shim_init();
-    if (misaligned(addr)) {
-        errno = reject("madvise", addr, len);
-        return -1;
-    }
-    if (len_wraps(len)) {
-        errno = EINVAL;
-        return -1;
-    }
-    return (int)syscall(SYS_madvise, addr, round_up(len), advice);
+    return range_call("madvise", SYS_madvise, addr, len, advice, EINVAL);
 }
 
 int posix_madvise(void *addr, size_t len, int advice)
@@ -251,16 +247,7 @@ int posix_madvise(void *addr, size_t len, int advice)
 
 int msync(void *addr, size_t len, int flags)
 {
-    shim_init();
-    if (misaligned(addr)) {
-        errno = reject("msync", addr, len);
-        return -1;
-    }
-    if (len_wraps(len)) {
-        errno = ENOMEM;
-        return -1;
-    }
-    return (int)syscall(SYS_msync, addr, round_up(len), flags);
+    return range_call("msync", SYS_msync, addr, len, flags, ENOMEM);
 }
 
 /* One byte per fake page: resident if any of its host pages is. */
