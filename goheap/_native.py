@@ -16,7 +16,7 @@ import errno
 import os
 from typing import Any
 
-from goheap._ffi import ffi, lib  # type: ignore[import-not-found]
+from goheap._ffi import ffi, lib
 from goheap.errors import OutOfMemory
 
 PAGE_SHIFT: int = lib.GH_PAGE_SHIFT
@@ -297,7 +297,7 @@ def fast_methods(h: Any, slow_malloc: Any, slow_free: Any) -> tuple[Any, Any]:
     weakref.WeakMethod objects: the methods never keep the Heap alive."""
     global _fast_new
     if _fast_new is None:
-        import goheap._ffi as ffi_module  # type: ignore[import-not-found]
+        import goheap._ffi as ffi_module
 
         fn = ctypes.PyDLL(ffi_module.__file__).ghpy_fast_new
         fn.restype = ctypes.py_object

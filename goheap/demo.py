@@ -190,7 +190,7 @@ def tour_efence() -> None:
             "TODO(efence_demo): goheap/efence_demo.py is not in this checkout yet; nothing shown."
         )
         return
-    from goheap import efence_demo  # type: ignore[attr-defined]
+    from goheap import efence_demo
 
     efence_demo.tour()
 

@@ -16,11 +16,11 @@ class HeapError(Exception):
     """Base of every goheap error."""
 
 
-class InvalidFree(HeapError, ValueError):  # noqa: N818 - Go's vocabulary
+class InvalidFree(HeapError, ValueError):
     """free() of an address that is not the start of a live object."""
 
 
-class DoubleFree(InvalidFree):  # noqa: N818
+class DoubleFree(InvalidFree):
     """free() of an object that is already free."""
 
 
@@ -32,7 +32,7 @@ class HeapClosed(HeapError):
     """The heap was closed; its memory is gone."""
 
 
-class OutOfMemory(HeapError, MemoryError):  # noqa: N818
+class OutOfMemory(HeapError, MemoryError):
     """The OS or the arena could not provide the memory."""
 
 

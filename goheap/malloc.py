@@ -260,7 +260,7 @@ class Heap:
         except (OverflowError, TypeError):
             v = 0
         if v >= _STATUS_LIMIT:
-            return v  # type: ignore[no-any-return]
+            return v
         return self._malloc_slow(size, zero, v)
 
     def _check_size(self, size: object) -> int:
@@ -268,9 +268,7 @@ class Heap:
             try:
                 size = size.__index__()  # type: ignore[attr-defined]
             except AttributeError:
-                raise TypeError(
-                    f"malloc size must be an int, not {type(size).__name__}"
-                ) from None
+                raise TypeError(f"malloc size must be an int, not {type(size).__name__}") from None
         assert isinstance(size, int)
         if size < 0:
             raise ValueError(f"malloc size must be >= 0, not {size}")
@@ -306,7 +304,7 @@ class Heap:
                 self._raise_corrupt(n)
             if v < _STATUS_LIMIT:
                 raise HeapCorruption(f"malloc({n}): refill of class {cl} gave no object")
-            return v  # type: ignore[no-any-return]
+            return v
 
     def _raise_corrupt(self, n: int) -> None:
         cl = size_to_class(n)
@@ -454,7 +452,9 @@ class Heap:
                     if lo <= addr < hi:
                         return f"{addr:#x} is in a hole the 32-bit arena skipped"
                 s = h.span_of(_native.spans_get(self._c, addr))
-                s = h.lookup(addr) or next((t for t in h.free_spans() if t.start <= addr < t.end), s)
+                s = h.lookup(addr) or next(
+                    (t for t in h.free_spans() if t.start <= addr < t.end), s
+                )
                 if s is not None and s.state == SpanState.FREE:
                     rel = " (released to the OS)" if s.released else ""
                     return f"{addr:#x} is in free span [{s.start:#x}, {s.end:#x}){rel}"
@@ -475,7 +475,15 @@ class Heap:
             if self._closed:
                 raise HeapClosed("_spans_snapshot on a closed heap")
             return [
-                (s.start, s.npages, SpanState(s.state).name, s.sizeclass, s.ref, s.nelems, s.npreleased_bytes)
+                (
+                    s.start,
+                    s.npages,
+                    SpanState(s.state).name,
+                    s.sizeclass,
+                    s.ref,
+                    s.nelems,
+                    s.npreleased_bytes,
+                )
                 for s in self._h.walk()
             ]
 
@@ -633,10 +641,9 @@ class Heap:
         try:
             if not self._closed:
                 self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down modules
+        except Exception:
             pass
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"arena [{self.arena_start:#x}, {self.arena_end:#x})"
         return f"<goheap.Heap {self.mode} {state}{' efence' if self._efence else ''}>"
-

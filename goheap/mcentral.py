@@ -77,7 +77,9 @@ class MCentral:
         cl = self.sizeclass
         listed = _native.mcentral_list(self.h.c, cl, len(self.spans) + 1)
         if listed is None:
-            raise HeapCorruption(f"mcentral[{cl}]: nonempty list longer than its {len(self.spans)} spans")
+            raise HeapCorruption(
+                f"mcentral[{cl}]: nonempty list longer than its {len(self.spans)} spans"
+            )
         on_list = set(listed)
         if len(on_list) != len(listed) or not on_list <= self.spans.keys():
             raise HeapCorruption(f"mcentral[{cl}]: nonempty list holds foreign or repeated spans")
@@ -86,8 +88,12 @@ class MCentral:
             if s.state != SpanState.IN_USE or s.sizeclass != cl:
                 raise HeapCorruption(f"mcentral[{cl}] holds {s!r}")
             if s.incache != (addr == cached):
-                raise HeapCorruption(f"mcentral[{cl}]: {s!r} incache={s.incache}, mcache has {cached:#x}")
-            if not s.incache and bool(s.freelist) != (addr in on_list) or s.inlist != (addr in on_list):
+                raise HeapCorruption(
+                    f"mcentral[{cl}]: {s!r} incache={s.incache}, mcache has {cached:#x}"
+                )
+            if (not s.incache and bool(s.freelist) != (addr in on_list)) or s.inlist != (
+                addr in on_list
+            ):
                 raise HeapCorruption(
                     f"mcentral[{cl}]: {s!r} with free list {s.freelist:#x} "
                     f"{'is' if addr in on_list else 'is not'} on the nonempty list"

@@ -106,7 +106,9 @@ class SysMemory:
             if inj is None:
                 return
             inj.calls += 1
-            fail = inj.calls == inj.nth if inj.nth is not None else inj.rng.random() < inj.probability
+            fail = (
+                inj.calls == inj.nth if inj.nth is not None else inj.rng.random() < inj.probability
+            )
             if not fail:
                 return
             inj.failures += 1

@@ -645,7 +645,7 @@ class MHeap:
         if self.closed:
             raise HeapClosed("heap is closed")
         inuse = idle = released = nfree = 0
-        prev_free = False
+        prev_free: bool = False
         prev_end = 0
         for s in self.walk():
             if s.end > self.arena_used:
@@ -666,7 +666,12 @@ class MHeap:
                     if _native.spans_get(self.c, v) != s.addr:
                         raise HeapCorruption(f"spans table at {v:#x} does not map free {s!r}")
                 for lo, n in s.released:
-                    if lo < s.start or lo + n > s.end or lo % self.os_page_size or n % self.os_page_size:
+                    if (
+                        lo < s.start
+                        or lo + n > s.end
+                        or lo % self.os_page_size
+                        or n % self.os_page_size
+                    ):
                         raise HeapCorruption(f"released range {lo:#x}+{n:#x} outside {s!r}")
                 idle += s.nbytes
                 released += s.npreleased_bytes
@@ -680,11 +685,11 @@ class MHeap:
                 inuse += s.nbytes
             else:
                 raise HeapCorruption(f"span {s!r} in the arena has state {SpanState(s.state).name}")
-            prev_free = s.state == SpanState.FREE
+            prev_free = bool(s.state == SpanState.FREE)
             prev_end = s.end
-        listed = sum(len(d) for d in self.free) + len(self.freelarge)
-        if listed != nfree:
-            raise HeapCorruption(f"free lists hold {listed} spans, the arena {nfree}")
+        nlisted = sum(len(d) for d in self.free) + len(self.freelarge)
+        if nlisted != nfree:
+            raise HeapCorruption(f"free lists hold {nlisted} spans, the arena {nfree}")
         for n, d in enumerate(self.free):
             if bool(d) != bool(self.nonempty_mask >> n & 1):
                 raise HeapCorruption(f"nonempty_mask bit {n} disagrees with free[{n}]")

@@ -62,7 +62,7 @@ def test_corrupt_free_list_link_is_named_and_never_handed_out(h, target):
         "cycle_to_self": victim,
     }[target]
     _native.write_word(victim, bad)
-    with pytest.raises(HeapCorruption, match="free-list link|free list|cycle"):
+    with pytest.raises(HeapCorruption, match=r"free-list link|free list|cycle"):
         h.check()
     # The allocation path: victim itself may come back (it is a real free
     # object), but the corrupt link behind it must never be followed.
@@ -71,8 +71,10 @@ def test_corrupt_free_list_link_is_named_and_never_handed_out(h, target):
         for _ in range(200):
             v = h.malloc(SIZE)
             got.append(v)
-            assert v != bad or target in ("cycle_to_self",) and v == victim and got.count(v) == 1
-            assert not overlaps(v, SIZE, [*vs, big], h), f"malloc handed out {v:#x} over a live object"
+            assert v != bad or (target in ("cycle_to_self",) and v == victim and got.count(v) == 1)
+            assert not overlaps(v, SIZE, [*vs, big], h), (
+                f"malloc handed out {v:#x} over a live object"
+            )
     except HeapCorruption as e:
         assert "links outside its span" in str(e) or "free list" in str(e)
     else:
@@ -100,7 +102,7 @@ def test_corrupt_bitmap_bit_is_named(h):
     word = h.arena_start - 8 * (off // 16 + 1)
     old = _native.read_word(word)
     _native.write_word(word, old & ~(1 << (off % 16)))  # clear "allocated"
-    with pytest.raises(HeapCorruption, match="allocated bits|bitmap"):
+    with pytest.raises(HeapCorruption, match=r"allocated bits|bitmap"):
         h.check()
     # free() of that object now sees a free-object boundary: refused, not done.
     with pytest.raises(goheap.InvalidFree):

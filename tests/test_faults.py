@@ -27,11 +27,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
+from osview import is_mapped, perms_over, run_child
 
 import goheap
 from goheap import mem
 from goheap.errors import OutOfMemory
-from osview import is_mapped, perms_over, run_child
 
 MiB = 1 << 20
 FULL_SWEEP = os.environ.get("GOHEAP_FULL_SWEEP", "") not in ("", "0")
@@ -174,7 +174,9 @@ class Run:
         return sum(self.failures.values()) + sum(self.absorbed.values())
 
     def last_fired(self, _: int) -> str | None:
-        fired = [p for p, (start, nth) in self.pending.items() if self.sysmem.calls[p] >= start + nth]
+        fired = [
+            p for p, (start, nth) in self.pending.items() if self.sysmem.calls[p] >= start + nth
+        ]
         for p in fired:
             del self.pending[p]
         return fired[0] if fired else None
@@ -246,9 +248,7 @@ def test_faults_sweep_nth_call(name, prim):
     # Every N up to DENSE, then a stride so the whole range is covered (K is
     # printed); GOHEAP_FULL_SWEEP=1 runs every N (make soak does).
     dense = k if FULL_SWEEP else 12
-    ns = list(range(1, min(k, dense) + 1)) + list(
-        range(dense + 1, k + 1, max(1, (k - dense) // 8))
-    )
+    ns = list(range(1, min(k, dense) + 1)) + list(range(dense + 1, k + 1, max(1, (k - dense) // 8)))
     ops = make_ops(cfg)
     surfaced = absorbed = unreached = 0
     # Alternate ENOMEM (OutOfMemory) and another errno (plain OSError); both
@@ -271,8 +271,10 @@ def test_faults_sweep_nth_call(name, prim):
         r.teardown()
     TOTALS[(name, prim, "surfaced")] += surfaced
     TOTALS[(name, prim, "absorbed")] += absorbed
-    print(f"{name}/{prim}: K={k}, {len(runs)} runs, {surfaced} surfaced, {absorbed} absorbed, "
-          f"{unreached} not reached")
+    print(
+        f"{name}/{prim}: K={k}, {len(runs)} runs, {surfaced} surfaced, {absorbed} absorbed, "
+        f"{unreached} not reached"
+    )
     assert surfaced + absorbed + unreached == len(runs)
     assert unreached <= len(runs) // 4
 
@@ -322,7 +324,7 @@ def test_faults_close_after_a_failed_sys_free_still_releases_what_it_can():
     sm = mem.SysMemory()
     h = goheap.Heap(arena_size=16 * MiB, sysmem=sm)
     h.free(h.malloc(100))
-    (res, res_n), = h._h.reservations
+    ((res, res_n),) = h._h.reservations
     chunk, chunk_n = h._h.spanalloc.chunks[0]
     sm.inject("free", nth=1, err=errno.EINVAL)
     with pytest.raises(OSError):
@@ -389,9 +391,7 @@ h.close()
 @pytest.mark.parametrize("limit", ["as", "data"])
 def test_faults_rlimit_child_allocates_until_oom_frees_and_recovers(limit):
     """Real pressure: a resource limit a little above the child's size."""
-    proc = run_child(
-        "import sys; sys.argv[1:] = [%r]\n" % limit + RLIMIT_CHILD, timeout=120
-    )
+    proc = run_child(f"import sys; sys.argv[1:] = [{limit!r}]\n" + RLIMIT_CHILD, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("OOM after") == 2, proc.stdout
     first, second = (int(x) for x in proc.stdout.split("rounds")[1].split())

@@ -126,7 +126,7 @@ class HeapMachine(RuleBasedStateMachine):
     def random_address(self, addr):
         if addr in self.live:
             return
-        if isinstance(addr, int) and addr < 0 or addr >= 1 << 64:
+        if (isinstance(addr, int) and addr < 0) or addr >= 1 << 64:
             with pytest.raises((goheap.InvalidFree, ValueError, OverflowError)):
                 self.h.free(addr)
         else:
@@ -190,7 +190,7 @@ class HeapMachine(RuleBasedStateMachine):
         h = self.h
         h.check()
         spans = sorted(self.live.items())
-        for (v, (n, b)), nxt in zip(spans, spans[1:] + [(None, None)]):
+        for (v, (n, b)), nxt in zip(spans, [*spans[1:], (None, None)], strict=False):
             assert h.view(v, n).tobytes() == bytes([b]) * n, f"{v:#x} changed"
             if nxt[0] is not None:
                 assert v + n <= nxt[0], "live objects overlap"
@@ -218,8 +218,17 @@ if CHILD:
 def test_fuzz_state_machine_in_a_child_never_crashes():
     env = dict(os.environ, GOHEAP_FUZZ_CHILD="1", PYTHONFAULTHANDLER="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "TestHeapMachine"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            __file__,
+            "-k",
+            "TestHeapMachine",
+        ],
         capture_output=True,
         text=True,
         env=env,

@@ -214,8 +214,15 @@ def test_malloc_stale_free_after_reuse_frees_the_new_object(h):
 
 @pytest.mark.parametrize(
     "size, exc",
-    [(-1, ValueError), ("10", TypeError), (1.0, TypeError), (None, TypeError),
-     (2**63, OutOfMemory), (2**64 + 5, OutOfMemory), (2 * GiB, OutOfMemory)],
+    [
+        (-1, ValueError),
+        ("10", TypeError),
+        (1.0, TypeError),
+        (None, TypeError),
+        (2**63, OutOfMemory),
+        (2**64 + 5, OutOfMemory),
+        (2 * GiB, OutOfMemory),
+    ],
 )
 def test_malloc_bad_sizes(h, size, exc):
     before = snapshot(h)
@@ -246,8 +253,16 @@ def test_malloc_closed_heap_refuses_everything():
     start = h.arena_start
     h.close()
     h.close()  # twice is fine
-    for call in (lambda: h.malloc(10), lambda: h.malloc(100000), lambda: h.free(p),
-                 h.stats, h.check, h.scavenge, lambda: h.lookup(p), lambda: h.explain(p)):
+    for call in (
+        lambda: h.malloc(10),
+        lambda: h.malloc(100000),
+        lambda: h.free(p),
+        h.stats,
+        h.check,
+        h.scavenge,
+        lambda: h.lookup(p),
+        lambda: h.explain(p),
+    ):
         with pytest.raises(HeapClosed):
             call()
     from osview import perms_over
@@ -296,7 +311,7 @@ def test_malloc_threads_hammering_one_heap_stay_consistent(h):
                     h.free(q)
             for q in live:
                 h.free(q)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             errors.append(e)
 
     ts = [threading.Thread(target=work, args=(k,)) for k in range(8)]

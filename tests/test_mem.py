@@ -6,10 +6,10 @@ import errno
 import sys
 
 import pytest
+from osview import died_of_fault, is_mapped, perms_over, rss, run_child
 
 from goheap import _native, mem
 from goheap.errors import OutOfMemory
-from osview import died_of_fault, is_mapped, perms_over, rss, run_child
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -4,9 +4,11 @@ spans, coalescing, scavenging, stats and check()."""
 from __future__ import annotations
 
 import errno
+import itertools
 import time
 
 import pytest
+from osview import perms_over, rss
 
 import goheap
 from goheap import _native, mem
@@ -21,7 +23,6 @@ from goheap.mheap import (
     round_up,
 )
 from goheap.mspan import SpanState
-from osview import perms_over, rss
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 REAL_PAGE = _native.os_page_size()
@@ -94,7 +95,7 @@ def test_mheap_several_heaps_get_disjoint_reservations():
     hs = [goheap.Heap(arena_size=64 * MiB) for _ in range(4)]
     try:
         ranges = sorted((h.spans, h.arena_end) for h in hs)
-        for (a0, a1), (b0, _) in zip(ranges, ranges[1:]):
+        for (_, a1), (b0, _) in itertools.pairwise(ranges):
             assert a1 <= b0
         for h in hs:
             p = h.malloc(1000)
@@ -288,7 +289,9 @@ def test_mheap_32bit_growth_outside_window_is_freed_then_sys_alloc_realigned():
         with h.lock:
             h.alloc_span_locked(4)
             end0, used0 = h.arena_end, h.arena_used
-            m.place = -(h.arena_start + MAX_ARENA32)  # the reservation lands outside [arena_start, arena_start + 2 GiB)
+            m.place = -(
+                h.arena_start + MAX_ARENA32
+            )  # the reservation lands outside [arena_start, arena_start + 2 GiB)
             m.alloc_at = end0 + 32 * MiB  # the last resort lands inside, misaligned
             s = h.alloc_span_locked((12 * MiB) >> PAGE_SHIFT)
             v, n = m.placed

@@ -77,7 +77,6 @@ class SpanMachine(RuleBasedStateMachine):
             self.h.close_locked()
 
 
-
 def run_counted(machine, examples: int, steps: int) -> int:
     machine.steps = 0
     run_state_machine_as_test(
@@ -94,9 +93,9 @@ class SpanMachine64K(SpanMachine):
     os_page = max(65536, REAL_PAGE)
 
 
-
 def test_random_spans_on_64k_os_pages():
     assert run_counted(SpanMachine64K, 15, 60) >= 300
+
 
 # ---- objects ---------------------------------------------------------------------------
 

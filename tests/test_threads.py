@@ -115,7 +115,7 @@ class Stress:
                 got = self.swap(rng.randrange(SLOTS), obj)
                 if got is not None:
                     self.verify_free(got, c)
-        except Exception as e:  # noqa: BLE001 - any exception is a test failure
+        except Exception as e:
             self.errors.append(f"thread {tid}: {e!r}")
         with self.counts_lock:
             self.counts.update(c)
@@ -188,7 +188,7 @@ def test_threads_check_and_stats_run_beside_allocating_threads(fast_switch, with
                     assert not st.identity_errors(), st.identity_errors()
                     if n % 5 == 0:
                         h.scavenge()
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     problems.append(repr(e))
                     return
                 n += 1
