@@ -11,8 +11,9 @@
 # caller (glibc's internal calls included).
 #
 # Usage: lanes/kernels.sh [LANE...] [-- PYTEST-ARGS...]
-#   LANE: arm64-16k, ppc64el-64k (default both); PYTEST-ARGS default -m pagesize
-#   LANE_VM_TIMEOUT bounds each boot-and-test (seconds, default 1500).
+#   LANE: arm64-16k, ppc64el-64k (default both); PYTEST-ARGS default: -m "pagesize and not slow" --durations=15
+#   (the slow-marked full sweeps would take hours under TCG)
+#   LANE_VM_TIMEOUT bounds each boot-and-test (seconds, default 1200).
 # A lane passes only if the guest prints "GOHEAP-LANE-RESULT: PASS" after
 # checking its page size and running pytest; anything else (a failure, a
 # panic, a hang cut off by the timeout) fails it.
@@ -23,7 +24,7 @@ lanes=()
 while [ $# -gt 0 ] && [ "$1" != -- ]; do lanes+=("$1"); shift; done
 [ "${1:-}" = -- ] && shift
 [ ${#lanes[@]} -gt 0 ] || lanes=(arm64-16k ppc64el-64k)
-[ $# -gt 0 ] || set -- -m pagesize
+[ $# -gt 0 ] || set -- -m "pagesize and not slow" --durations=15
 pytest_args=$(printf ' %q' "$@")
 
 need_root
@@ -146,7 +147,7 @@ run_lane() {
             ;;
     esac
     say "booting: ${qemu[*]}"
-    local t=${LANE_VM_TIMEOUT:-1500}
+    local t=${LANE_VM_TIMEOUT:-1200}
     timed "boot + pytest ($name)" timeout --kill-after=15 "$t" "${qemu[@]}" </dev/null 2>&1 \
         | sed -u 's/\r$//' | tee "$log" >&2 || true
     rm -f "$img"
