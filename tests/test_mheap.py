@@ -256,76 +256,67 @@ class Window32(mem.SysMemory):
         return v
 
 
-def test_mheap_32bit_growth_elsewhere_inside_window_is_realigned():
+@pytest.fixture
+def window32():
+    """A 32-bit heap over Window32 with its first span allocated, lock held."""
     m = Window32()
     h = MHeap(m, mode="32bit", arena_size=8 * MiB)
     try:
         with h.lock:
             h.alloc_span_locked(4)
-            used0, end0 = h.arena_used, h.arena_end
-            m.place = end0 + 64 * MiB
-            s = h.alloc_span_locked((12 * MiB) >> PAGE_SHIFT)
-            assert h.arena_used > end0  # moved to the new region
-            assert s.start % PAGE_SIZE == 0 and s.start % h.os_page_size == 0
-            assert s.start >= end0 + 64 * MiB
-            assert h.holes and h.holes[0][0] == used0
-            v, n = m.placed
-            assert v % PAGE_SIZE != 0  # the OS gave a misaligned region ...
-            assert h.arena_end == v + n  # ... whose true end becomes arena_end
-            h.check_locked()
-            # the hole is no heap: explain and coalescing stay out of it
-            t = h.alloc_span_locked(1)
-            h.free_span_locked(t)
-            h.check_locked()
+            yield m, h
     finally:
         with h.lock:
             h.close_locked()
 
 
-def test_mheap_32bit_growth_outside_window_is_freed_then_sys_alloc_realigned():
-    m = Window32()
-    h = MHeap(m, mode="32bit", arena_size=8 * MiB)
-    try:
-        with h.lock:
-            h.alloc_span_locked(4)
-            end0, used0 = h.arena_end, h.arena_used
-            m.place = -(
-                h.arena_start + MAX_ARENA32
-            )  # the reservation lands outside [arena_start, arena_start + 2 GiB)
-            m.alloc_at = end0 + 32 * MiB  # the last resort lands inside, misaligned
-            s = h.alloc_span_locked((12 * MiB) >> PAGE_SHIFT)
-            v, n = m.placed
-            assert v + n <= h.arena_start or v >= h.arena_start + MAX_ARENA32
-            assert perms_over(v, n) == {""}  # the stray reservation was freed
-            assert s.start % PAGE_SIZE == 0
-            assert s.start >= end0 + 32 * MiB
-            assert h.arena_used >= s.end and h.arena_used > used0
-            h.check_locked()
-    finally:
-        with h.lock:
-            h.close_locked()
+def test_mheap_32bit_growth_elsewhere_inside_window_is_realigned(window32):
+    m, h = window32
+    used0, end0 = h.arena_used, h.arena_end
+    m.place = end0 + 64 * MiB
+    s = h.alloc_span_locked((12 * MiB) >> PAGE_SHIFT)
+    assert h.arena_used > end0  # moved to the new region
+    assert s.start % PAGE_SIZE == 0 and s.start % h.os_page_size == 0
+    assert s.start >= end0 + 64 * MiB
+    assert h.holes and h.holes[0][0] == used0
+    v, n = m.placed
+    assert v % PAGE_SIZE != 0  # the OS gave a misaligned region ...
+    assert h.arena_end == v + n  # ... whose true end becomes arena_end
+    h.check_locked()
+    # the hole is no heap: coalescing stays out of it
+    t = h.alloc_span_locked(1)
+    h.free_span_locked(t)
+    h.check_locked()
 
 
-def test_mheap_32bit_failed_reservation_changes_nothing():
-    m = mem.SysMemory()
-    h = MHeap(m, mode="32bit", arena_size=8 * MiB)
-    try:
-        with h.lock:
-            h.alloc_span_locked(4)
-            fields = (h.arena_start, h.arena_used, h.arena_end, list(h.holes))
-            m.inject("reserve", probability=1.0)
-            m.inject("alloc", probability=1.0)
-            with pytest.raises(OutOfMemory, match="out of memory"):
-                h.alloc_span_locked((64 * MiB) >> PAGE_SHIFT)
-            assert (h.arena_start, h.arena_used, h.arena_end, list(h.holes)) == fields
-            h.check_locked()
-            m.clear_injections()
-            s = h.alloc_span_locked((64 * MiB) >> PAGE_SHIFT)
-            assert s.npages == (64 * MiB) >> PAGE_SHIFT
-            h.check_locked()
-    finally:
-        with h.lock:
-            h.close_locked()
+def test_mheap_32bit_growth_outside_window_is_freed_then_sys_alloc_realigned(window32):
+    m, h = window32
+    end0, used0 = h.arena_end, h.arena_used
+    m.place = -(h.arena_start + MAX_ARENA32)  # lands outside [arena_start, +2 GiB)
+    m.alloc_at = end0 + 32 * MiB  # the last resort lands inside, misaligned
+    s = h.alloc_span_locked((12 * MiB) >> PAGE_SHIFT)
+    v, n = m.placed
+    assert v + n <= h.arena_start or v >= h.arena_start + MAX_ARENA32
+    assert perms_over(v, n) == {""}  # the stray reservation was freed
+    assert s.start % PAGE_SIZE == 0
+    assert s.start >= end0 + 32 * MiB
+    assert h.arena_used >= s.end and h.arena_used > used0
+    h.check_locked()
+
+
+def test_mheap_32bit_failed_reservation_changes_nothing(window32):
+    m, h = window32
+    fields = (h.arena_start, h.arena_used, h.arena_end, list(h.holes))
+    m.inject("reserve", probability=1.0)
+    m.inject("alloc", probability=1.0)
+    with pytest.raises(OutOfMemory, match="out of memory"):
+        h.alloc_span_locked((64 * MiB) >> PAGE_SHIFT)
+    assert (h.arena_start, h.arena_used, h.arena_end, list(h.holes)) == fields
+    h.check_locked()
+    m.clear_injections()
+    s = h.alloc_span_locked((64 * MiB) >> PAGE_SHIFT)
+    assert s.npages == (64 * MiB) >> PAGE_SHIFT
+    h.check_locked()
 
 
 # ---- lazy metadata --------------------------------------------------------------------
