@@ -14,7 +14,7 @@ LANE=arm64
 . "$(dirname "$0")/lib.sh"
 
 need_root
-lock_work
+lock_work arm64
 host_install qemu-user-static binfmt-support debootstrap
 binfmt aarch64
 timed "rootfs arm64 (cached if warm)" rootfs arm64

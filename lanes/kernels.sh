@@ -28,7 +28,6 @@ while [ $# -gt 0 ] && [ "$1" != -- ]; do lanes+=("$1"); shift; done
 pytest_args=$(printf ' %q' "$@")
 
 need_root
-lock_work
 
 # apt for a foreign architecture in a private state directory: it only
 # downloads .debs (the host's dpkg is never touched, nothing foreign runs).
@@ -112,6 +111,7 @@ EOF
 run_lane() {
     local name=$1 arch=$2 meta=$3 page=$4
     LANE=$name
+    lock_work "$arch"
     timed "rootfs $arch (cached if warm)" rootfs "$arch"
     local root=$ROOTFS
     timed "kernel $arch (cached if warm)" fetch_kernel "$arch" "$meta"

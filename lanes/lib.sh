@@ -52,10 +52,11 @@ timed() {
     return $rc
 }
 
-# lock_work: lanes share the cached roots in $WORK; one lane at a time uses them.
+# lock_work ARCH: lanes share the cached root of an architecture in $WORK
+# (arm64.sh and the arm64-16k kernel lane); one lane at a time uses it.
 lock_work() {
-    exec 9>"$WORK/.lock"
-    flock -w 3600 9 || die "another lane held $WORK/.lock for an hour"
+    exec 9>"$WORK/.lock-$1"
+    flock -w 3600 9 || die "another lane held $WORK/.lock-$1 for an hour"
 }
 
 # logged FILE CMD...: run CMD with its output appended to FILE.
