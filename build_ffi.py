@@ -75,6 +75,9 @@ ffibuilder.set_source(
     # PyGILState_Check (the GIL test) and PyTraceMalloc_Track are outside the
     # limited API; goheap ships one wheel per CPython version anyway.
     py_limited_api=False,
+    # cffi >= 2.0 derives this from py_limited_api=False; older cffi (Debian
+    # bookworm's 1.15, trixie's 1.17) needs it spelled out.
+    define_macros=[("_CFFI_NO_LIMITED_API", None)],
 )
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@
 # caller (glibc's internal calls included).
 #
 # Usage: lanes/kernels.sh [LANE...] [-- PYTEST-ARGS...]
-#   LANE: arm64-16k, ppc64el-64k (default both); PYTEST-ARGS default: -m "pagesize and not slow" --durations=15
+#   LANE: arm64-16k, ppc64el-64k (default both); PYTEST-ARGS default: -m "pagesize and not slow and not heavy" --durations=15
 #   (the slow-marked full sweeps would take hours under TCG)
 #   LANE_VM_TIMEOUT bounds each boot-and-test (seconds, default 1200).
 # A lane passes only if the guest prints "GOHEAP-LANE-RESULT: PASS" after
@@ -24,7 +24,7 @@ lanes=()
 while [ $# -gt 0 ] && [ "$1" != -- ]; do lanes+=("$1"); shift; done
 [ "${1:-}" = -- ] && shift
 [ ${#lanes[@]} -gt 0 ] || lanes=(arm64-16k ppc64el-64k)
-[ $# -gt 0 ] || set -- -m "pagesize and not slow" --durations=15
+[ $# -gt 0 ] || set -- -m "pagesize and not slow and not heavy" --durations=15
 pytest_args=$(printf ' %q' "$@")
 
 need_root

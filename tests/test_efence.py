@@ -179,6 +179,7 @@ def run(code, timeout=240):
 # ---- 1. use after free, every size class --------------------------------------------------
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("guard", [False, "after"])
 def test_efence_use_after_free_first_and_last_byte_every_class_faults(page, guard):
     sizes = sorted(set(goheap.class_to_size[1:])) + list(LARGE_SIZES)
@@ -231,6 +232,7 @@ def sweep(request):
     return page, list(SWEEP) if extent == "full" else SAMPLE
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("align", [16, 1])
 def test_efence_guard_after_catches_one_byte_overrun_every_size(sweep, align):
     """align=16: the byte past usable_size faults; align=1: the byte past the
@@ -273,6 +275,7 @@ report(dict(rows=rows, mallocs=mallocs, frees=frees))
     assert (out["mallocs"], out["frees"]) == (len(sizes), len(sizes))
 
 
+@pytest.mark.heavy
 def test_efence_guard_before_catches_one_byte_underrun_every_size(sweep):
     page, sizes = sweep
     out = run(f"""
@@ -320,6 +323,7 @@ def test_efence_guard_in_process_kernel_view(page):
 # ---- 3. no reuse without quarantine ------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_efence_addresses_never_reused_without_quarantine(page):
     n_cycles = 10_000
     with new_heap(page, arena_size=16 * GiB) as h:
@@ -386,6 +390,7 @@ def check_quarantine_figures(page, figures, st, cycles, quarantine=MiB):
     assert st.heap_sys == last["arena"]
 
 
+@pytest.mark.heavy
 def test_efence_quarantine_bounds_address_space_and_rss(page, record_property):
     cycles = 50_000 if page == REAL_PAGE else 20_000
     figures, seconds, st = quarantine_run(page, cycles)
@@ -541,6 +546,7 @@ def test_efence_runs_out_of_arena_cleanly(page):
         assert_kernel_agrees(h)
 
 
+@pytest.mark.heavy
 def test_efence_rlimit_as_runs_out_cleanly(page):
     """A 32-bit-style heap that must reserve more address space for every
     growth, under RLIMIT_AS: malloc fails with OutOfMemory, the heap checks."""
@@ -576,6 +582,7 @@ report(dict(n=n, err=err, mode=h.mode, frees=st.frees, faulted=st.efence_faulted
     assert set(out["perms"]) == {"---p"}, out["perms"]
 
 
+@pytest.mark.heavy
 def test_efence_vm_max_map_count_runs_out_cleanly():
     """The real limit, not a simulation: objects freed in a checkerboard split
     the arena into one mapping each, until the kernel refuses (vm.max_map_count
