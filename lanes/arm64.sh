@@ -31,7 +31,7 @@ args=$(printf ' %q' "$@")
 say "pytest$args (emulated arm64, $(in_guest "$R" 'python3 -c "import platform; print(platform.machine(), platform.python_version())"'))"
 if ! timed "pytest arm64" timeout "${LANE_TIMEOUT:-1800}" \
     chroot "$R" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
-    PYTHONDONTWRITEBYTECODE=1 /bin/sh -c "cd /proj && exec python3 -m pytest -p no:cacheprovider$args"
+    PYTHONDONTWRITEBYTECODE=1 GOHEAP_LANE=qemu-user /bin/sh -c "cd /proj && exec python3 -m pytest -p no:cacheprovider$args"
 then
     die "the suite failed on arm64 (or hit the ${LANE_TIMEOUT:-1800}s bound)"
 fi

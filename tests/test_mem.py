@@ -6,7 +6,7 @@ import errno
 import sys
 
 import pytest
-from osview import died_of_fault, is_mapped, perms_over, rss, run_child
+from osview import died_of_fault, is_mapped, perms_over, real_accounting, rss, run_child
 
 from goheap import _native, mem
 from goheap.errors import OutOfMemory
@@ -27,6 +27,7 @@ def m(request):
     return mem.SysMemory(page_size=request.param)
 
 
+@real_accounting
 def test_mem_reserve_is_prot_none_and_costs_no_rss(m):
     before = rss()
     v = m.sys_reserve(0, 4 * GiB)
@@ -139,6 +140,7 @@ def test_mem_impossible_alloc_is_memoryerror_and_process_goes_on(m):
     m.sys_free(v, m.page_size, None)
 
 
+@real_accounting
 def test_mem_rlimit_as_gives_memoryerror_in_a_child():
     proc = run_child(
         """

@@ -8,7 +8,7 @@ import itertools
 import time
 
 import pytest
-from osview import perms_over, rss
+from osview import perms_over, real_accounting, rss
 
 import goheap
 from goheap import _native, mem
@@ -83,6 +83,7 @@ def test_mheap_mallocinit_64bit_layout(os_page):
     assert perms_over(p, p_size) == {""}
 
 
+@real_accounting
 def test_mheap_default_reservation_is_128gib_and_costs_no_rss():
     before = rss()
     h = goheap.Heap()
@@ -173,6 +174,7 @@ def test_mheap_mallocinit_refuses_a_misrounded_arena(monkeypatch):
         MHeap(MisalignedReserve(), arena_size=64 * MiB)
 
 
+@real_accounting
 def test_mheap_64bit_falls_back_to_32bit_under_ulimit_v():
     from osview import run_child
 
