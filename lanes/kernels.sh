@@ -130,7 +130,7 @@ run_lane() {
     timed "ext4 image" mke2fs -q -F -t ext4 -d "$root" "$img" 3G || die "mke2fs failed"
     rm -rf "$root/proj" "$root/lane-init"
 
-    local qemu common=(-smp 2 -m 2048 -nographic -no-reboot -nic none
+    local qemu common=(-smp 2 -m 4096 -nographic -no-reboot -nic none
         -drive "file=$img,format=raw,if=virtio"
         -initrd "$KDIR/initrd.gz")
     local append="root=/dev/vda rw quiet loglevel=3 panic=-1 init=/lane-init"

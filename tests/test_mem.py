@@ -113,7 +113,7 @@ def test_mem_fault_keeps_address_space_and_drops_pages(m):
         base = rss()
         for off in range(0, n, TOUCH):
             buf[off] = 1
-        assert rss() - base >= 0.9 * n
+        assert rss() - base >= 0.75 * n  # precondition: the pages are resident
         m.sys_fault(v, n)
         assert perms_over(v, n) == {"---p"}
         assert rss() - base < 0.1 * n
