@@ -315,6 +315,17 @@ void *mremap(void *old, size_t old_len, size_t new_len, int flags, ...)
 /* ---- /proc/<pid>/statm ------------------------------------------------ */
 
 /* "/proc/self/statm", "/proc/thread-self/statm", "/proc/123/statm", "/proc/123/task/456/statm" */
+
+/* "123/rest" -> "rest"; NULL unless a decimal id and a slash start p. */
+static const char *skip_id(const char *p)
+{
+    if (*p < '0' || *p > '9')
+        return NULL;
+    while (*p >= '0' && *p <= '9')
+        p++;
+    return *p == '/' ? p + 1 : NULL;
+}
+
 static int is_statm(const char *path)
 {
     if (!path || strncmp(path, "/proc/", 6) != 0)
@@ -328,21 +339,11 @@ static int is_statm(const char *path)
     else if (!strncmp(p, "thread-self/", 12))
         p += 12;
     else {
-        if (*p < '0' || *p > '9')
+        p = skip_id(p); /* /proc/PID/... */
+        if (p != NULL && !strncmp(p, "task/", 5))
+            p = skip_id(p + 5); /* /proc/PID/task/TID/... */
+        if (p == NULL)
             return 0;
-        while (*p >= '0' && *p <= '9')
-            p++;
-        if (*p++ != '/')
-            return 0;
-        if (!strncmp(p, "task/", 5)) {
-            p += 5;
-            if (*p < '0' || *p > '9')
-                return 0;
-            while (*p >= '0' && *p <= '9')
-                p++;
-            if (*p++ != '/')
-                return 0;
-        }
     }
     return !strcmp(p, "statm");
 }
