@@ -42,22 +42,6 @@ def is_live(c: Any, v: int) -> bool:
     return bool(_native.bitmap_get(c, v) & BIT_ALLOCATED)
 
 
-def mark_allocated(c: Any, v: int) -> None:
-    _native.bitmap_set(c, v, BIT_ALLOCATED, BIT_BOUNDARY)
-
-
-def mark_freed(c: Any, v: int) -> None:
-    _native.bitmap_set(c, v, BIT_BOUNDARY, BIT_ALLOCATED)
-
-
-def clear(c: Any, v: int) -> None:
-    _native.bitmap_set(c, v, 0, BIT_ALLOCATED | BIT_BOUNDARY)
-
-
-def unmark_span(c: Any, start: int, nbytes: int) -> None:
-    _native.bitmap_unmarkspan(c, start, nbytes)
-
-
 def count(c: Any, start: int, nbytes: int) -> tuple[int, int]:
     """(allocated, boundary) bits describing [start, start + nbytes)."""
     return _native.bitmap_count(c, start, nbytes)
