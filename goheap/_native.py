@@ -205,10 +205,6 @@ def bitmap_set(h: Any, v: int, set_bits: int, clear_bits: int) -> None:
     ensure(lib.gh_bitmap_set(h, v, set_bits, clear_bits), "bitmap_set", 0, v)
 
 
-def bitmap_markspan(h: Any, v: int, size: int, n: int, leftover: bool) -> None:
-    ensure(lib.gh_bitmap_markspan(h, v, size, n, int(leftover)), "markspan", size * n, v)
-
-
 def bitmap_unmarkspan(h: Any, v: int, n: int) -> None:
     ensure(lib.gh_bitmap_unmarkspan(h, v, n), "unmarkspan", n, v)
 

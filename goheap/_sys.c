@@ -278,20 +278,15 @@ static int range_ok(const gh_mheap *h, uintptr_t v, uintptr_t n)
 }
 
 /* markspan: a free-object boundary at each of n object starts, plus one just
- * past the last when the span has a leftover tail. */
-int gh_bitmap_markspan(gh_mheap *h, uintptr_t v, uintptr_t size, uintptr_t n, int leftover)
+ * past the last when the span has a leftover tail.  The caller holds h->lock
+ * and has checked that [v, v + n*size) lies in the mapped arena. */
+static void bitmap_markspan(gh_mheap *h, uintptr_t v, uintptr_t size, uintptr_t n, int leftover)
 {
     uintptr_t i;
-    if (size == 0 || size % GH_PTR_SIZE != 0 || n == 0 || n > (UINTPTR_MAX - v) / size ||
-        !range_ok(h, v, size * n))
-        return GH_EARG;
-    heap_lock(h);
     for (i = 0; i < n; i++)
         bitmap_set(h, v + i * size, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED | GH_BIT_BOUNDARY);
-    if (leftover && v + n * size < h->arena_used)
+    if (leftover)
         bitmap_set(h, v + n * size, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
-    heap_unlock(h);
-    return GH_OK;
 }
 
 /* unmarkspan: forget every bit of [v, v+n); v and n are whole 128-byte
@@ -475,10 +470,8 @@ int gh_mspan_carve(gh_mheap *h, gh_mspan *s, uintptr_t size)
             ((uintptr_t *)v)[1] = GH_DIRTY_MARKER;
         else if (s->needzero && size == 2 * GH_PTR_SIZE)
             ((uintptr_t *)v)[1] = 0;
-        bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED | GH_BIT_BOUNDARY);
     }
-    if (n * size < bytes)
-        bitmap_set(h, s->start + n * size, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
+    bitmap_markspan(h, s->start, size, n, n * size < bytes);
     s->freelist = s->start;
     s->elemsize = size;
     s->nelems = (uint32_t)n;

@@ -119,7 +119,6 @@ int gh_sys_free(uintptr_t v, size_t n, size_t pagesize);          /* any -> None
 
 /* ---- GC bitmap and spans table -------------------------------------------
  * Addresses must lie in [arena_start, arena_used) of h, else GH_EARG. */
-int gh_bitmap_markspan(gh_mheap *h, uintptr_t v, uintptr_t size, uintptr_t n, int leftover);
 int gh_bitmap_unmarkspan(gh_mheap *h, uintptr_t v, uintptr_t n);  /* v, n: 128-byte groups */
 int gh_bitmap_get(gh_mheap *h, uintptr_t v, uint64_t *out);
 int gh_bitmap_count(gh_mheap *h, uintptr_t v, uintptr_t n, uint64_t *nalloc, uint64_t *nboundary);

@@ -46,6 +46,18 @@ class SpanState(enum.IntEnum):
     FAULTED = _native.MSPAN_FAULTED  # goheap: efence span whose object was freed
 
 
+def _cfield(name: str, kind: type = int, writable: bool = True) -> Any:
+    """A property over field ``name`` of the span's C struct; C owns the value."""
+
+    def get(self: MSpan) -> Any:
+        return kind(getattr(self._c, name))
+
+    def put(self: MSpan, value: Any) -> None:
+        setattr(self._c, name, int(value))
+
+    return property(get, put if writable else None, doc=f"gh_mspan.{name}")
+
+
 class MSpan:
     """One span.  Fields shared with C are properties over the struct."""
 
@@ -58,99 +70,22 @@ class MSpan:
         self.unusedsince = 0.0
 
     # goheap: Go reads these as struct fields; here each access goes through cffi.
-    @property
-    def start(self) -> int:
-        return int(self._c.start)
-
-    @start.setter
-    def start(self, v: int) -> None:
-        self._c.start = v
-
-    @property
-    def npages(self) -> int:
-        return int(self._c.npages)
-
-    @npages.setter
-    def npages(self, n: int) -> None:
-        self._c.npages = n
-
-    @property
-    def state(self) -> int:
-        """A SpanState value as a plain int (IntEnum members compare equal); the
-        enum's constructor would cost more than the rest of the read."""
-        return int(self._c.state)
-
-    @state.setter
-    def state(self, st: SpanState) -> None:
-        self._c.state = int(st)
-
-    @property
-    def sizeclass(self) -> int:
-        return int(self._c.sizeclass)
-
-    @sizeclass.setter
-    def sizeclass(self, cl: int) -> None:
-        self._c.sizeclass = cl
-
-    @property
-    def elemsize(self) -> int:
-        return int(self._c.elemsize)
-
-    @elemsize.setter
-    def elemsize(self, n: int) -> None:
-        self._c.elemsize = n
-
-    @property
-    def base(self) -> int:
-        return int(self._c.base)
-
-    @base.setter
-    def base(self, v: int) -> None:
-        self._c.base = v
-
-    @property
-    def limit(self) -> int:
-        return int(self._c.limit)
-
-    @limit.setter
-    def limit(self, v: int) -> None:
-        self._c.limit = v
-
-    @property
-    def ref(self) -> int:
-        return int(self._c.ref)
-
-    @ref.setter
-    def ref(self, n: int) -> None:
-        self._c.ref = n
-
-    @property
-    def nelems(self) -> int:
-        return int(self._c.nelems)
-
-    @property
-    def freelist(self) -> int:
-        return int(self._c.freelist)
-
-    @freelist.setter
-    def freelist(self, v: int) -> None:
-        self._c.freelist = v
-
-    @property
-    def incache(self) -> bool:
-        return bool(self._c.incache)
-
-    @property
-    def inlist(self) -> bool:
-        return bool(self._c.inlist)
-
-    @property
-    def needzero(self) -> bool:
-        return bool(self._c.needzero)
-
-    @needzero.setter
-    def needzero(self, b: bool) -> None:
-        self._c.needzero = int(b)
+    # Reads come back as plain ints (or bools): the state as an int, because
+    # SpanState's constructor would cost more than the read (IntEnum members
+    # compare equal to it).
+    start = _cfield("start")
+    npages = _cfield("npages")
+    state = _cfield("state")
+    sizeclass = _cfield("sizeclass")
+    elemsize = _cfield("elemsize")
+    base = _cfield("base")
+    limit = _cfield("limit")
+    ref = _cfield("ref")
+    freelist = _cfield("freelist")
+    needzero = _cfield("needzero", bool)
+    nelems = _cfield("nelems", writable=False)
+    incache = _cfield("incache", bool, writable=False)
+    inlist = _cfield("inlist", bool, writable=False)
 
     @property
     def nbytes(self) -> int:

@@ -18,9 +18,7 @@ same names.  goheap's own additions come last.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -100,6 +98,3 @@ class MStats:
             if b.frees > b.mallocs:
                 errs.append(f"by_size[{i}] frees {b.frees} > mallocs {b.mallocs}")
         return errs
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
