@@ -204,7 +204,7 @@ static void corruption(void)
     CHECK(gh_mcache_free(&heap, a) >= 0 && gh_mcache_free(&heap, c) >= 0, "free a c");
 }
 
-/* markspan / unmarkspan / bitmap counts on a span of its own. */
+/* carving's markspan, unmarkspan and bitmap counts on a span of its own. */
 static void marking(void)
 {
     gh_mspan *s = &markspan_span;
@@ -214,13 +214,15 @@ static void marking(void)
     s->start = next_page;
     s->npages = 4;
     next_page += 4 * GH_PAGE_SIZE;
-    CHECK(gh_bitmap_markspan(&heap, s->start, 96, n, 1) == GH_OK, "markspan");
+    s->state = GH_MSPAN_IN_USE;
+    CHECK(gh_mspan_carve(&heap, s, 96) == GH_OK, "carve (markspan)");
     CHECK(gh_bitmap_count(&heap, s->start, 4 * GH_PAGE_SIZE, &na, &nb) == GH_OK, "count");
     CHECK(na == 0 && nb == n + 1, "markspan bits: %lu %lu", (unsigned long)na, (unsigned long)nb);
     CHECK(gh_bitmap_unmarkspan(&heap, s->start, 4 * GH_PAGE_SIZE) == GH_OK, "unmarkspan");
     CHECK(gh_bitmap_count(&heap, s->start, 4 * GH_PAGE_SIZE, &na, &nb) == GH_OK && na + nb == 0,
           "unmarked");
-    CHECK(gh_bitmap_markspan(&heap, heap.arena_used - 8, 16, 1, 0) == GH_EARG, "past arena_used");
+    s->start = heap.arena_used; /* a span past arena_used is refused before any write */
+    CHECK(gh_mspan_carve(&heap, s, 96) == GH_EARG, "past arena_used");
 }
 
 static int bench(long n)
