@@ -31,14 +31,33 @@ test: build
 # as a 16 KiB- and a 64 KiB-page process (LD_PRELOAD shim, tests/pageshim/);
 # the emulated lanes need root, install their own tools and cache their Debian
 # roots in lanes/work/.  ARM64_PYTEST_ARGS: e.g. "-m pagesize" for the subset.
-.PHONY: test-pagesize test-arm64 test-kernels
+# PAGESIZES: the shim's page sizes (default both); KERNEL_LANES: arm64-16k
+# and/or ppc64el-64k (default both).
+.PHONY: test-pagesize test-arm64 test-kernels ci-cold
 ARM64_PYTEST_ARGS ?=
+PAGESIZES ?=
+KERNEL_LANES ?=
 test-pagesize: build
-	PYTHON=$(PY) bash lanes/pagesize.sh -- $(PYTEST_ARGS)
+	PYTHON=$(PY) bash lanes/pagesize.sh $(PAGESIZES) -- $(PYTEST_ARGS)
 test-arm64:
 	bash lanes/arm64.sh $(ARM64_PYTEST_ARGS)
 test-kernels:
-	bash lanes/kernels.sh
+	bash lanes/kernels.sh $(KERNEL_LANES)
+
+# What CI sees on a machine that never ran goheap: HEAD cloned into a temporary
+# folder, .ci/run there with an empty lane cache and an empty pip cache, timed.
+# (Debian packages the lanes apt-get install stay installed between runs: a
+# cold machine pays their download once more; README "Platforms" has the figure.)
+ci-cold:
+	@tmp=$$(mktemp -d /tmp/goheap-ci-cold.XXXXXX) && \
+	git clone -q . "$$tmp/goheap" && \
+	echo "ci-cold: $$(git rev-parse --short HEAD) in $$tmp (lane cache $$tmp/lanes, empty)" && \
+	t0=$$(date +%s) && rc=0 && \
+	{ cd "$$tmp/goheap" && CI=true LANES_WORK="$$tmp/lanes" PIP_CACHE_DIR="$$tmp/pip-cache" \
+	  bash .ci/run </dev/null || rc=$$?; } && \
+	echo "ci-cold: .ci/run exited $$rc after $$(( $$(date +%s) - t0 ))s wall" && \
+	if grep -q " $$tmp/" /proc/mounts; then echo "ci-cold: mounts left under $$tmp; not removed"; \
+	else rm -rf --one-file-system "$$tmp"; fi; exit $$rc
 
 demo: build
 	$(PY) -m goheap demo

@@ -1,9 +1,11 @@
-"""What the OS really did: /proc/self/maps, RSS, and crashes in child processes.
+"""What the OS really did: /proc/self/maps, resident pages, and crashes in child processes.
 
 Tests use these instead of trusting goheap's own bookkeeping."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import signal
 import subprocess
@@ -11,7 +13,6 @@ import sys
 import textwrap
 from dataclasses import dataclass
 
-import psutil
 import pytest
 
 FAULT_SIGNALS = (signal.SIGSEGV, signal.SIGBUS)
@@ -64,8 +65,43 @@ def is_mapped(v: int, n: int = 1) -> bool:
     return "" not in perms_over(v, n)
 
 
-def rss() -> int:
-    return psutil.Process().memory_info().rss
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+_libc.mincore.restype = ctypes.c_int
+_MINCORE_CHUNK = 1 << 30  # bounds the vector at 256 Ki entries per call
+_LOW_BIT = bytes(b & 1 for b in range(256))  # the other bits of a mincore byte are undefined
+
+
+def resident(v: int, n: int) -> int:
+    """Bytes of [v, v+n) the kernel holds resident, by mincore(2) over the mapped
+    parts of the range (gaps count zero).
+
+    Unlike the process's RSS (psutil) this counts only the range, whatever else
+    the process (an ASan runtime, the interpreter) has resident.  The unit is the OS page as
+    this process sees it: under tests/pageshim a fake page is resident when any
+    of its host pages is, which is what it would cost on a kernel of that page."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo, hi = v & ~(page - 1), v + n
+    total = 0
+    for m in sorted(mappings(), key=lambda m: m.start):
+        a, b = max(lo, m.start), min(hi, m.end)
+        while a < b:
+            k = min(b - a, _MINCORE_CHUNK)
+            vec = ctypes.create_string_buffer((k + page - 1) // page)
+            if _libc.mincore(a, k, vec) != 0:
+                e = ctypes.get_errno()
+                if e == errno.ENOMEM:  # unmapped since mappings() was read
+                    break
+                raise OSError(e, f"mincore({a:#x}, {k}): {os.strerror(e)}")
+            total += vec.raw[: (k + page - 1) // page].translate(_LOW_BIT).count(1) * page
+            a += k
+    return total
+
+
+def heap_resident(h) -> int:  # type: ignore[no-untyped-def]
+    """Resident bytes of a heap's own reservation: its spans table, GC bitmap and
+    arena ([h.spans, h.arena_end)), nothing else of the process."""
+    return resident(h.spans, h.arena_end - h.spans)
 
 
 def run_child(
