@@ -12,10 +12,12 @@ See README.md for the tour and goheap/malloc.py for the design overview.
 """
 
 from goheap.errors import (
+    ArenaFallbackWarning,
     DoubleFree,
     HeapClosed,
     HeapCorruption,
     HeapError,
+    HeapWarning,
     InvalidFree,
     OutOfMemory,
 )
@@ -33,6 +35,7 @@ from goheap.sizeclasses import (
 )
 
 __all__ = [
+    "ArenaFallbackWarning",
     "MAX_ARENA32",
     "MAX_SMALL_SIZE",
     "NUM_SIZE_CLASSES",
@@ -46,6 +49,7 @@ __all__ = [
     "HeapClosed",
     "HeapCorruption",
     "HeapError",
+    "HeapWarning",
     "InvalidFree",
     "MStats",
     "OutOfMemory",

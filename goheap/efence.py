@@ -72,26 +72,33 @@ def word(v: int) -> int:
     return v & ~(WORD - 1)
 
 
+def options(guard: bool | str, align: int, quarantine: int | None) -> tuple[str, int, int | None]:
+    """Heap(efence=True)'s options, checked: (guard mode, align, quarantine).
+    ValueError names the first bad one.  Called before any memory is reserved."""
+    if guard is True:
+        guard = "after"
+    elif guard is False:
+        guard = "none"
+    if guard not in GUARDS:
+        raise ValueError(f"guard must be True, False or one of {GUARDS}, not {guard!r}")
+    if (
+        isinstance(align, bool)
+        or not isinstance(align, int)
+        or align < 1
+        or align > 16
+        or align & (align - 1)
+    ):
+        raise ValueError(f"align must be a power of two from 1 to 16, not {align!r}")
+    if quarantine is not None and (
+        isinstance(quarantine, bool) or not isinstance(quarantine, int) or quarantine < 0
+    ):
+        raise ValueError(f"quarantine must be None or a byte count >= 0, not {quarantine!r}")
+    return guard, align, quarantine
+
+
 class EFence:
     def __init__(self, h: MHeap, guard: bool | str, align: int, quarantine: int | None) -> None:
-        if guard is True:
-            guard = "after"
-        elif guard is False:
-            guard = "none"
-        if guard not in GUARDS:
-            raise ValueError(f"guard must be True, False or one of {GUARDS}, not {guard!r}")
-        if (
-            isinstance(align, bool)
-            or not isinstance(align, int)
-            or align < 1
-            or align > 16
-            or align & (align - 1)
-        ):
-            raise ValueError(f"align must be a power of two from 1 to 16, not {align!r}")
-        if quarantine is not None and (
-            isinstance(quarantine, bool) or not isinstance(quarantine, int) or quarantine < 0
-        ):
-            raise ValueError(f"quarantine must be None or a byte count >= 0, not {quarantine!r}")
+        guard, align, quarantine = options(guard, align, quarantine)
         self.h = h
         self.guard = guard
         self.align = align

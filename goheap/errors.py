@@ -36,6 +36,17 @@ class OutOfMemory(HeapError, MemoryError):
     """The OS or the arena could not provide the memory."""
 
 
+class HeapWarning(UserWarning):
+    """Base of goheap's warnings."""
+
+
+class ArenaFallbackWarning(HeapWarning):
+    """The 64-bit reservation could not be had and the heap fell back to Go's
+    32-bit layout (at most MAX_ARENA32 bytes of arena), as Go's mallocinit does.
+    Only when that still gives the arena asked for; otherwise Heap() raises
+    OutOfMemory."""
+
+
 def throw(msg: str) -> NoReturn:
     """Go's runtime·throw: an impossible state.  Always on (never ``assert``,
     which ``python -O`` strips)."""

@@ -51,6 +51,7 @@ hold the heap's RLock.  Locks are re-created in a forked child.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import threading
 import weakref
@@ -59,6 +60,7 @@ from typing import Any
 from goheap import _native, debug, mtrace
 from goheap.block import Block, new_block, new_ndarray
 from goheap.efence import EFence
+from goheap.efence import options as efence_options
 from goheap.errors import DoubleFree, HeapClosed, HeapCorruption, InvalidFree, OutOfMemory
 from goheap.mcache import MCache
 from goheap.mcentral import MCentral
@@ -140,6 +142,13 @@ def enable_tracemalloc() -> None:
             mtrace.install(h)
 
 
+def _address(addr: object) -> int | None:
+    """addr as an address, or None for an int no address can be (negative, or
+    beyond 64 bits): such an int is in no heap.  TypeError if not an int."""
+    a = operator.index(addr)  # type: ignore[call-overload]
+    return a if 0 <= a < 1 << 64 else None
+
+
 class Heap:
     """A Go-style heap on its own reservation of address space.
 
@@ -168,9 +177,26 @@ class Heap:
         sysmem: SysMemory | None = None,
         trace: bool = False,
     ) -> None:
+        self._closed = True  # until built: __del__ of a half-built Heap has nothing to do
         if efence is None:
             efence = os.environ.get("GOHEAP_EFENCE", "") not in ("", "0")
+        # Every argument is checked before the arena is reserved: a refused
+        # Heap() leaves no address space behind.
+        if efence:
+            efence_options(guard, align, quarantine)
+        elif guard is not False or quarantine is not None or align != 16:
+            raise ValueError("guard, align and quarantine are efence options: pass efence=True")
         self._h = MHeap(sysmem, arena_size, mode, scavenge_after)
+        try:
+            self._build(efence, guard, align, quarantine, trace)
+        except BaseException:
+            with self._h.lock:
+                self._h.close_locked()
+            raise
+
+    def _build(
+        self, efence: bool, guard: bool | str, align: int, quarantine: int | None, trace: bool
+    ) -> None:
         self._c: Any = self._h.c
         self._lock = self._h.lock
         self._init_tables()
@@ -178,17 +204,15 @@ class Heap:
         self._mcache = MCache(self._h, self._central)
         self._h.reclaim = self._reclaim
         self._efence = EFence(self._h, guard, align, quarantine) if efence else None
-        if not efence and (guard or quarantine is not None):
-            raise ValueError("guard and quarantine are efence options: pass efence=True")
         self._nlargealloc = 0
         self._nlargefree = 0
         self._largealloc = 0  # bytes ever allocated in large objects
         self._largefree = 0
-        self._closed = False
         self._bind_fast_paths()
-        _live_heaps.add(self)
         if trace or mtrace.enabled:
             mtrace.install(self)  # instance-level wrappers: the class methods stay untraced
+        self._closed = False
+        _live_heaps.add(self)
 
     def _init_tables(self) -> None:
         c = self._c
@@ -344,6 +368,9 @@ class Heap:
     def _free_slow(self, v: Any, st: int | None) -> None:
         if st is None:
             raise TypeError(f"free() takes an int address, not {type(v).__name__}")
+        v = v.__index__()  # numpy.uint64 and friends: C took them as ints too
+        if self._closed:
+            raise HeapClosed("free on a closed heap")
         if st == _EBUSY:
             with self._lock:  # check() froze the fast path; it is done once we hold the lock
                 st = _mcache_free(self._c, v)
@@ -369,6 +396,10 @@ class Heap:
                 if s is None or s.sizeclass != 0 or s.base != v:
                     if self._efence is not None and self._efence.refuse_word_free(s, v):
                         raise InvalidFree(f"free({v:#x}): not the start of a live object")
+                    if not marked and _native.large_free(self._c, v) in (_EDOUBLE, _EINVALID):
+                        # C saw a live large object, but another thread's free of
+                        # it took the lock first: what is left is a double free.
+                        raise DoubleFree(f"free({v:#x}): double free of an object")
                     raise HeapCorruption(f"free({v:#x}): bitmap says large object, span {s!r}")
                 if not marked:
                     # C only looked; mark it now, under the lock, so that a racing
@@ -405,10 +436,12 @@ class Heap:
     # ---- queries -----------------------------------------------------------------------
 
     def lookup(self, addr: int) -> tuple[int, int] | None:
-        """(base, size) of the live object containing addr, or None."""
+        """(base, size) of the live object containing addr, or None (also for
+        an int that is no address at all: negative, or beyond 64 bits)."""
         if self._closed:
             raise HeapClosed("lookup on a closed heap")
-        return _native.mheap_lookup(self._c, addr)
+        a = _address(addr)
+        return None if a is None else _native.mheap_lookup(self._c, a)
 
     def usable_size(self, v: int) -> int:
         """The size of the object at v: its class size, or its span when large."""
@@ -439,6 +472,10 @@ class Heap:
             if self._closed:
                 raise HeapClosed("explain on a closed heap")
             h = self._h
+            a = _address(addr)
+            if a is None:
+                return f"{addr:#x} is not an address (outside the heap)"
+            addr = a
             r = _native.mheap_lookup(self._c, addr)
             if r is not None:
                 base, n = r

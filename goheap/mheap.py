@@ -37,13 +37,15 @@ The caller of every ``*_locked`` method holds ``self.lock``.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from goheap import _native
-from goheap.errors import HeapClosed, HeapCorruption, OutOfMemory, throw
+from goheap.errors import ArenaFallbackWarning, HeapClosed, HeapCorruption, OutOfMemory, throw
 from goheap.mem import SysMemory
 from goheap.mspan import LargeFree, MSpan, SpanAlloc, SpanState
 
@@ -70,6 +72,49 @@ def round_down(n: int, a: int) -> int:
     return n // a * a
 
 
+class ArenaOwner:
+    """Owns what ``close()`` gives back to the OS: the heap's reservations
+    (spans table, bitmap, arena) and the span-struct chunks.
+
+    Every export of heap memory (a Block, a ``Heap.ndarray`` array, the
+    exporter behind a ``Heap.view()`` memoryview) holds a reference, and so
+    does the MHeap until it closes; the memory goes with the last reference
+    (``__del__``), never while anything can still reach it.  The lists are the
+    MHeap's own, so growth needs no extra bookkeeping."""
+
+    def __init__(self, mem: SysMemory, reservations: list[tuple[int, int]], spanalloc: SpanAlloc):
+        self.mem = mem
+        self.reservations = reservations
+        self.spanalloc = spanalloc
+
+    def unmap(self) -> None:
+        """Give everything back; raise the first failure after trying it all.
+        Repeating it does nothing."""
+        # goheap (issue 8): a failed sys_free must not leak everything after
+        # it: free what can be freed, then report the first failure.
+        err: BaseException | None = None
+        for v, n in self.reservations:
+            try:
+                self.mem.sys_free(v, n, None)
+            except (OSError, OutOfMemory) as e:
+                err = err or e
+        self.reservations.clear()
+        try:
+            self.spanalloc.release_all()
+        except (OSError, OutOfMemory) as e:
+            err = err or e
+        if err is not None:
+            raise err
+
+    def __del__(self) -> None:
+        # The last export is gone (or the heap closed with none alive): nobody
+        # can reach the memory, and nobody is left to raise to.
+        try:
+            self.unmap()
+        except Exception:
+            pass
+
+
 class MHeap:
     """The page heap.  Thread-safe through ``lock`` (an RLock shared with the
     object layers above, as Go's single heap lock)."""
@@ -84,8 +129,15 @@ class MHeap:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        if arena_size is not None and (not isinstance(arena_size, int) or arena_size <= 0):
+        if arena_size is not None and (
+            isinstance(arena_size, bool) or not isinstance(arena_size, int) or arena_size <= 0
+        ):
             raise ValueError(f"arena_size must be a positive int, not {arena_size!r}")
+        if mode == "32bit" and arena_size is not None and arena_size > MAX_ARENA32:
+            raise ValueError(
+                f"arena_size {arena_size} is more than a 32-bit arena can hold "
+                f"(MAX_ARENA32 = {MAX_ARENA32})"
+            )
         if scavenge_after < 0:
             raise ValueError("scavenge_after must be >= 0 seconds")
         self.mem = sysmem if sysmem is not None else SysMemory()
@@ -107,7 +159,9 @@ class MHeap:
         self.heap_inuse = 0
         self.heap_idle = 0
         self.heap_released = 0
-        self.reservations: list[tuple[int, int]] = []  # what close() unmaps
+        self.reservations: list[tuple[int, int]] = []  # what the owner unmaps
+        # None once closed: the memory then lives as long as the exports do.
+        self.owner: ArenaOwner | None = ArenaOwner(self.mem, self.reservations, self.spanalloc)
         self.holes: list[tuple[int, int]] = []  # 32-bit: skipped ranges, sorted
         self.closed = False
         # Set by the object layer: gives fully free small spans back to the heap,
@@ -120,8 +174,23 @@ class MHeap:
         if mode == "64bit" and self._mallocinit_64(arena_size or MAX_MEM):
             self.arena32 = False
         else:
-            # goheap: like Go, a 64-bit reservation that cannot be had (ulimit -v)
-            # falls back to the 32-bit layout instead of failing.
+            if mode == "64bit":
+                # Like Go, a 64-bit reservation that cannot be had (ulimit -v)
+                # falls back to the 32-bit layout instead of failing -- but never
+                # silently, and never to less arena than was asked for.
+                asked = arena_size or MAX_MEM
+                if arena_size is not None and arena_size > MAX_ARENA32:
+                    raise OutOfMemory(
+                        f"mallocinit: cannot reserve a {asked}-byte 64-bit arena, and the "
+                        f"32-bit layout holds at most {MAX_ARENA32} bytes"
+                    )
+                warnings.warn(
+                    ArenaFallbackWarning(
+                        f"mallocinit: cannot reserve a {asked}-byte 64-bit arena; fell back "
+                        f"to the 32-bit layout (at most {MAX_ARENA32} bytes of arena)"
+                    ),
+                    stacklevel=3,
+                )
             self.mode = "32bit"
             self.arena32 = True
             self._mallocinit_32(arena_size or ARENA32_INITIAL)
@@ -723,33 +792,26 @@ class MHeap:
     # ---- teardown --------------------------------------------------------------------
 
     def close_locked(self) -> None:
+        """Close the heap for C and Python; unmap now unless an export of its
+        memory is alive (then the last one unmaps: ArenaOwner).  Raises the
+        first failed sys_free of an unmapping done now; the heap is closed all
+        the same."""
         if self.closed:
             return
         self.closed = True
-        # C refuses every call from now on (arena_start == 0 means closed).
-        self.c.arena_start = 0
-        self.c.arena_used = 0
-        for i in range(len(self.c.alloc)):
-            self.c.alloc[i] = _native.NULL_SPAN
+        # Under the C lock: a C call running now finishes first, every later
+        # one (any thread, GIL or not) sees a closed heap and touches nothing.
+        _native.mheap_close(self.c)
         # The reservations go back whole; uncharge what was mapped inside them.
         self.mem.stats["heap_sys"] -= self.heap_sys
         self.mem.stats["gc_sys"] -= self.bitmap_mapped
         self.mem.stats["other_sys"] -= self.spans_mapped + self.slack_sys
-        # goheap (issue 8): a failed sys_free must not leak everything after
-        # it: free what can be freed, then report the first failure.
-        err: BaseException | None = None
-        for v, n in self.reservations:
-            try:
-                self.mem.sys_free(v, n, None)
-            except (OSError, OutOfMemory) as e:
-                err = err or e
-        self.reservations.clear()
-        try:
-            self.spanalloc.release_all()
-        except (OSError, OutOfMemory) as e:
-            err = err or e
         self.free = [{} for _ in range(MAX_MHEAP_LIST)]
         self.freelarge = LargeFree()
         self.nonempty_mask = 0
-        if err is not None:
-            raise err
+        owner, self.owner = self.owner, None
+        # Ours (this frame's and getrefcount's argument) are the only
+        # references: no export is alive, so unmap now and let a failure reach
+        # the caller instead of dying quietly in __del__.
+        if owner is not None and sys.getrefcount(owner) <= 2:
+            owner.unmap()
