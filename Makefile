@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 venv: $(VENV)/.venv-ok
 $(VENV)/.venv-ok:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip "setuptools>=68" wheel "cffi>=1.16"
+	$(PIP) install --upgrade pip "setuptools>=77" wheel "cffi>=1.16"
 	touch $@
 
 # Editable install: the extension (goheap/_ffi*.so) is built in place, so the
@@ -99,7 +99,7 @@ sanitize:
 	@mkdir -p $(ASAN_DIR)/src
 	test -x $(ASAN_DIR)/venv/bin/python || $(PYTHON) -m venv $(ASAN_DIR)/venv
 	$(ASAN_DIR)/venv/bin/python -m pip --disable-pip-version-check -q install \
-	  "setuptools>=68" wheel "cffi>=1.16" "psutil>=5.9" "pytest>=7" "hypothesis>=6.80" "numpy>=1.24"
+	  "setuptools>=77" wheel "cffi>=1.16" "psutil>=5.9" "pytest>=7" "hypothesis>=6.80" "numpy>=1.24"
 	tar --exclude=./.venv --exclude=./build --exclude=./lanes/work --exclude=./.git \
 	  --exclude='./goheap/_ffi*' -cf - . | tar -xf - -C $(ASAN_DIR)/src
 	cd $(ASAN_DIR)/src && GOHEAP_CFLAGS="$(SAN_FLAGS)" GOHEAP_LDFLAGS="-fsanitize=address,undefined" \
