@@ -145,7 +145,7 @@ def enable_tracemalloc() -> None:
 def _address(addr: object) -> int | None:
     """addr as an address, or None for an int no address can be (negative, or
     beyond 64 bits): such an int is in no heap.  TypeError if not an int."""
-    a = operator.index(addr)  # type: ignore[call-overload]
+    a = operator.index(addr)  # type: ignore[arg-type]
     return a if 0 <= a < 1 << 64 else None
 
 
