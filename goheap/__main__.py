@@ -1,4 +1,4 @@
-"""Command line: ``python -m goheap demo|stats|map|classes`` (goheap/cli.py)."""
+"""Command line: ``goheap`` (the console script) and ``python -m goheap``: goheap/cli.py."""
 
 from __future__ import annotations
 
