@@ -128,10 +128,12 @@ def gil_held_in_call() -> bool:
 # ---- memory access ------------------------------------------------------------
 
 
-def view(v: int, n: int) -> memoryview:
-    """A writable byte view of [v, v+n).  The caller vouches for the range.
-    ctypes builds it about five times faster than ffi.buffer (peers.md)."""
-    return memoryview((ctypes.c_char * n).from_address(v)).cast("B")
+def view(v: int, n: int, owner: Any = None) -> memoryview:
+    """A writable byte view of [v, v+n) (format "B") that keeps ``owner`` (the
+    heap's arena owner, for Heap.view) alive as long as it or any view cut
+    from it lives, so a view used after ``close()`` reads mapped memory.  The
+    caller vouches for the range, and without an owner for its lifetime."""
+    return memoryview(block_new(block_base(), None, owner, v, n))
 
 
 def read_word(v: int) -> int:
@@ -271,6 +273,11 @@ def mheap_freeze(h: Any, frozen: bool) -> None:
     ensure(lib.gh_mheap_freeze(h, int(frozen)), "mheap_freeze")
 
 
+def mheap_close(h: Any) -> None:
+    """Every later C call on h sees a closed heap (gh_mheap_close)."""
+    ensure(lib.gh_mheap_close(h), "mheap_close")
+
+
 def mcache_counts(h: Any) -> tuple[list[int], list[int]]:
     nm = ffi.new("uint64_t[]", NUM_SIZE_CLASSES)
     nf = ffi.new("uint64_t[]", NUM_SIZE_CLASSES)
@@ -308,3 +315,31 @@ def fastpath_pointers() -> tuple[int, int]:
     (signatures ``uintptr_t (*)(gh_mheap *, uintptr_t)`` and
     ``int (*)(gh_mheap *, uintptr_t)``)."""
     return int(lib.ghpy_fastpath_alloc_fn()), int(lib.ghpy_fastpath_free_fn())
+
+# ---- Block (goheap/_pyfast.c) -------------------------------------------------
+
+_block_api: tuple[Any, Any] | None = None
+
+
+def _load_block_api() -> tuple[Any, Any]:
+    global _block_api
+    if _block_api is None:
+        import goheap._ffi as ffi_module
+
+        fn = ctypes.PyDLL(ffi_module.__file__).ghpy_block_api
+        fn.restype = ctypes.py_object
+        fn.argtypes = []
+        _block_api = fn()
+    return _block_api
+
+
+def block_base() -> Any:
+    """The C type goheap.Block derives from (its buffer, export count and
+    freed flag); it cannot be instantiated from Python."""
+    return _load_block_api()[0]
+
+
+def block_new(cls: Any, heap: Any, owner: Any, v: int, n: int) -> Any:
+    """A live ``cls`` (block_base() or a subclass) exporting [v, v+n), holding
+    ``heap`` and ``owner``.  The caller vouches for the range."""
+    return _load_block_api()[1](cls, heap, owner, v, n)

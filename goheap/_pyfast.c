@@ -21,6 +21,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h> /* T_PYSSIZET, READONLY: the spelling 3.10 and 3.11 know */
 
 #include "_sys.h"
 
@@ -200,4 +201,221 @@ GHPY_EXPORT PyObject *ghpy_fast_new(uintptr_t h, PyObject *owner, PyObject *slow
     self->slow_malloc = Py_NewRef(slow_malloc);
     self->slow_free = Py_NewRef(slow_free);
     return (PyObject *)self;
+}
+
+/* ---- Block: one heap object as a buffer ------------------------------------
+ *
+ * The C half of goheap.Block (block.py subclasses it) and, with heap None,
+ * the exporter behind Heap.view()'s memoryviews.  It is C because only a C
+ * type can export a buffer before Python 3.12 (PEP 688), and because the
+ * buffer protocol is where exports must be counted: free() under a live
+ * export is a BufferError, and a freed Block exports nothing.
+ *
+ * Invariants: [addr, addr + size) stays mapped while the object lives (it
+ * holds `owner`, the heap's arena owner, which unmaps when the last reference
+ * goes); live == 0 means freed (or never made by ghpy_block_new: a zeroed
+ * object is a freed one), and then nothing reads addr; exports counts the
+ * Py_buffers handed out and not yet released.  Python decides when to free
+ * (block.py); C only refuses what would reach freed memory.
+ */
+
+typedef struct {
+    PyObject_HEAD
+    uintptr_t addr;      /* the object's first byte                           */
+    Py_ssize_t size;     /* bytes exported: the size asked for                */
+    Py_ssize_t exports;  /* Py_buffers not yet released                       */
+    int live;            /* 0 once freed: no export, no access                */
+    PyObject *heap;      /* the Heap (a Block), or None (a view's exporter)   */
+    PyObject *owner;     /* keeps [addr, addr + size) mapped                  */
+} ghpy_block;
+
+static PyObject *block_type; /* created on first use */
+
+static int block_refuse_freed(ghpy_block *self)
+{
+    PyErr_Format(PyExc_ValueError, "operation on a freed goheap.Block (was %p)",
+                 (void *)self->addr);
+    return -1;
+}
+
+static int block_getbuffer(ghpy_block *self, Py_buffer *view, int flags)
+{
+    if (!self->live) {
+        view->obj = NULL;
+        return block_refuse_freed(self);
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)self, (void *)self->addr, self->size, 0, flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void block_releasebuffer(ghpy_block *self, Py_buffer *view)
+{
+    (void)view;
+    self->exports--;
+}
+
+/* The atomic half of Block.free(): True if the caller must now free the
+ * object, False if it was freed already; BufferError while an export lives
+ * (then nothing changes).  Under the GIL nothing can export in between. */
+static PyObject *block_release(ghpy_block *self, PyObject *unused)
+{
+    (void)unused;
+    if (!self->live)
+        Py_RETURN_FALSE;
+    if (self->exports > 0) {
+        PyErr_Format(PyExc_BufferError, "goheap.Block %p: %zd exported buffer(s) still alive",
+                     (void *)self->addr, self->exports);
+        return NULL;
+    }
+    self->live = 0;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *block_get_addr(ghpy_block *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSize_t((size_t)self->addr);
+}
+
+static PyObject *block_get_freed(ghpy_block *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(!self->live);
+}
+
+static PyObject *block_get_heap(ghpy_block *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->heap != NULL ? self->heap : Py_None);
+}
+
+static int block_traverse(ghpy_block *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self)); /* heap types own a reference to their type */
+    Py_VISIT(self->heap);
+    Py_VISIT(self->owner);
+    return 0;
+}
+
+static int block_clear(ghpy_block *self)
+{
+    /* The GC may clear a Block that a cycle still reaches (Python code could
+     * then call it): freed first, so nothing reads addr once owner is gone. */
+    self->live = 0;
+    Py_CLEAR(self->heap);
+    Py_CLEAR(self->owner);
+    return 0;
+}
+
+static void block_dealloc(ghpy_block *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    block_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef block_methods[] = {
+    {"_release", (PyCFunction)block_release, METH_NOARGS,
+     "Mark the Block freed: True if the caller must free the object now."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef block_getset[] = {
+    {"_addr", (getter)block_get_addr, NULL, "the object's address (also after free)", NULL},
+    {"freed", (getter)block_get_freed, NULL, "Whether free() has run.", NULL},
+    {"_heap", (getter)block_get_heap, NULL, "the Heap, or None for a view's exporter", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef block_members[] = {
+    {"_size", T_PYSSIZET, offsetof(ghpy_block, size), READONLY, "bytes exported"},
+    {"_exports", T_PYSSIZET, offsetof(ghpy_block, exports), READONLY, "live exports"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot block_slots[] = {
+    {Py_tp_dealloc, (void *)block_dealloc},
+    {Py_tp_traverse, (void *)block_traverse},
+    {Py_tp_clear, (void *)block_clear},
+    {Py_tp_methods, block_methods},
+    {Py_tp_getset, block_getset},
+    {Py_tp_members, block_members},
+    {Py_bf_getbuffer, (void *)block_getbuffer},
+    {Py_bf_releasebuffer, (void *)block_releasebuffer},
+    {Py_tp_doc, (void *)"The C half of goheap.Block, and the exporter behind Heap.view()."},
+    {0, NULL},
+};
+
+/* Only block_new makes a live one (from goheap._native): a Block built by
+ * Python (a subclass's __new__, copy, pickle) would export any address. */
+static PyType_Spec block_spec = {
+    "goheap._ffi.BlockBase", sizeof(ghpy_block), 0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC |
+        Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    block_slots,
+};
+
+/* block_new(cls, heap, owner, addr, size): a live cls (BlockBase or a
+ * subclass) over [addr, addr + size).  The caller vouches for the range. */
+static PyObject *block_new(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyTypeObject *cls;
+    ghpy_block *self;
+    unsigned long long addr;
+    Py_ssize_t size;
+    (void)module;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "block_new(cls, heap, owner, addr, size)");
+        return NULL;
+    }
+    if (!PyType_Check(args[0]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[0], (PyTypeObject *)block_type)) {
+        PyErr_SetString(PyExc_TypeError, "block_new: cls must be a BlockBase type");
+        return NULL;
+    }
+    cls = (PyTypeObject *)args[0];
+    addr = PyLong_AsUnsignedLongLong(args[3]);
+    if (addr == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    size = PyLong_AsSsize_t(args[4]);
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    if (size < 0 || (addr == 0 && size > 0)) {
+        PyErr_SetString(PyExc_ValueError, "block_new: bad range");
+        return NULL;
+    }
+    self = (ghpy_block *)cls->tp_alloc(cls, 0);
+    if (self == NULL)
+        return NULL;
+    self->addr = (uintptr_t)addr;
+    self->size = size;
+    self->heap = Py_NewRef(args[1]);
+    self->owner = Py_NewRef(args[2]);
+    self->live = 1;
+    return (PyObject *)self;
+}
+
+static PyMethodDef block_new_def = {
+    "block_new", (PyCFunction)(void (*)(void))block_new, METH_FASTCALL,
+    "block_new(cls, heap, owner, addr, size): a live Block over [addr, addr + size).",
+};
+
+/* (BlockBase, block_new).  Called once through ctypes.PyDLL (with the GIL
+ * held) by goheap/_native.py. */
+GHPY_EXPORT PyObject *ghpy_block_api(void)
+{
+    PyObject *fn;
+    if (block_type == NULL) {
+        block_type = PyType_FromSpec(&block_spec);
+        if (block_type == NULL)
+            return NULL;
+    }
+    fn = PyCFunction_New(&block_new_def, NULL);
+    if (fn == NULL)
+        return NULL;
+    return Py_BuildValue("(ON)", block_type, fn);
 }

@@ -16,7 +16,8 @@
  *     hold no policy beyond what the hot paths need.
  *   - C never calls back into Python and uses no thread-local storage.
  *   - Every heap-touching function takes h->lock, so each call is atomic even
- *     when the caller does not hold the GIL (free-threaded CPython, C drivers).
+ *     when the caller does not hold the GIL (free-threaded CPython, C drivers),
+ *     close included: a closed heap is refused under the lock (heap_lock_open).
  */
 #if defined(__APPLE__)
 #define _DARWIN_C_SOURCE 1
@@ -239,6 +240,20 @@ static inline void heap_unlock(gh_mheap *h)
     __atomic_store_n(&h->lock, 0, __ATOMIC_RELEASE);
 }
 
+/* Take h->lock unless the heap is closed; whether it was taken.  The check
+ * is made under the lock because gh_mheap_close clears arena_start under it:
+ * a call that gets the lock after close returns without touching the arena,
+ * the bitmap, the spans table or a span struct, all of which may be unmapped
+ * by then.  A check made before the lock could pass just before close. */
+static inline int heap_lock_open(gh_mheap *h)
+{
+    heap_lock(h);
+    if (h->arena_start != 0)
+        return 1;
+    heap_unlock(h);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------
  * GC bitmap
  *
@@ -299,7 +314,8 @@ int gh_bitmap_unmarkspan(gh_mheap *h, uintptr_t v, uintptr_t n)
     const uintptr_t group = GH_PTR_SIZE * GH_WORDS_PER_BITMAP_WORD;
     if (v % group != 0 || n % group != 0 || n == 0 || !range_ok(h, v, n))
         return GH_EARG;
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return GH_EARG;
     w = bitmap_word(h, v, &shift);
     nwords = n / group;
     for (i = 0; i < nwords; i++)
@@ -314,7 +330,8 @@ int gh_bitmap_get(gh_mheap *h, uintptr_t v, uint64_t *out)
 {
     if (out == NULL || v % GH_PTR_SIZE != 0 || !range_ok(h, v, GH_PTR_SIZE))
         return GH_EARG;
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return GH_EARG;
     *out = bitmap_bits(h, v);
     heap_unlock(h);
     return GH_OK;
@@ -331,7 +348,8 @@ int gh_bitmap_count(gh_mheap *h, uintptr_t v, uintptr_t n, uint64_t *nalloc, uin
     if (nalloc == NULL || nboundary == NULL || v % group != 0 || n % group != 0 || n == 0 ||
         !range_ok(h, v, n))
         return GH_EARG;
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return GH_EARG;
     w = bitmap_word(h, v, &shift);
     for (i = 0; i < n / group; i++) {
         a += (uint64_t)__builtin_popcountll(*(w - i) & 0xffffULL);
@@ -350,7 +368,8 @@ int gh_bitmap_set(gh_mheap *h, uintptr_t v, uint64_t set, uint64_t clear)
     const uint64_t kinds = GH_BIT_ALLOCATED | GH_BIT_BOUNDARY;
     if (v % GH_PTR_SIZE != 0 || (set & ~kinds) || (clear & ~kinds) || !range_ok(h, v, GH_PTR_SIZE))
         return GH_EARG;
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return GH_EARG;
     bitmap_set(h, v, set, clear);
     heap_unlock(h);
     return GH_OK;
@@ -376,7 +395,8 @@ int gh_spans_set(gh_mheap *h, uintptr_t v, uintptr_t npages, gh_mspan *s)
     if (v % GH_PAGE_SIZE != 0 || npages == 0 || npages > (UINTPTR_MAX >> GH_PAGE_SHIFT) ||
         !range_ok(h, v, npages << GH_PAGE_SHIFT))
         return GH_EARG;
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return GH_EARG;
     slot = spans_slot(h, v);
     for (i = 0; i < npages; i++)
         slot[i] = s;
@@ -388,7 +408,8 @@ int gh_spans_get(gh_mheap *h, uintptr_t v, uintptr_t *out)
 {
     if (out == NULL || !range_ok(h, v, 1))
         return GH_EARG;
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return GH_EARG;
     *out = (uintptr_t)*spans_slot(h, v);
     heap_unlock(h);
     return GH_OK;
@@ -403,7 +424,8 @@ int gh_spans_mismatch(gh_mheap *h, uintptr_t v, uintptr_t npages, gh_mspan *s, u
     if (out == NULL || v % GH_PAGE_SIZE != 0 || npages == 0 ||
         npages > (UINTPTR_MAX >> GH_PAGE_SHIFT) || !range_ok(h, v, npages << GH_PAGE_SHIFT))
         return GH_EARG;
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return GH_EARG;
     slot = spans_slot(h, v);
     for (i = 0; i < npages; i++)
         bad += slot[i] != s;
@@ -423,7 +445,8 @@ int gh_mheap_lookup(gh_mheap *h, uintptr_t v, uintptr_t *base, uintptr_t *size)
         return GH_EARG;
     if (!range_ok(h, v, 1))
         return GH_EINVALID;
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return GH_EINVALID;
     s = *spans_slot(h, v);
     if (s != NULL && s->state == GH_MSPAN_IN_USE && v >= s->start) {
         if (s->sizeclass == 0) {
@@ -462,7 +485,8 @@ int gh_mspan_carve(gh_mheap *h, gh_mspan *s, uintptr_t size)
     if (!range_ok(h, s->start, bytes) || size > bytes)
         return GH_EARG;
     n = bytes / size;
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return GH_EARG;
     for (i = 0; i < n; i++) {
         v = s->start + i * size;
         ((uintptr_t *)v)[0] = i + 1 < n ? v + size : 0;
@@ -505,7 +529,8 @@ int gh_mspan_check(gh_mheap *h, gh_mspan *s, uint32_t *nfree, uint32_t *what)
         !range_ok(h, s->start, s->npages << GH_PAGE_SHIFT))
         return GH_EARG;
     *what = 0;
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return GH_EARG;
     for (v = s->freelist; v != 0; v = *(uintptr_t *)v) {
         if (!link_ok(h, s, v) || (v - s->start) % s->elemsize != 0) {
             *what = 1; /* link outside the span, misaligned, or not a free start */
@@ -587,7 +612,8 @@ int gh_mcentral_take_empty(gh_mheap *h, uint32_t cl, uintptr_t *out, uintptr_t m
     uintptr_t k = 0;
     if (h == NULL || out == NULL || n == NULL || cl == 0 || cl >= GH_NUM_SIZE_CLASSES)
         return GH_EARG;
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return GH_EARG;
     for (s = h->nonempty[cl]; s != NULL && k < max; s = next) {
         next = s->next;
         if (s->ref == 0) {
@@ -607,7 +633,8 @@ int gh_mcentral_list(gh_mheap *h, uint32_t cl, uintptr_t *out, uintptr_t max, ui
     uintptr_t k = 0;
     if (h == NULL || out == NULL || n == NULL || cl == 0 || cl >= GH_NUM_SIZE_CLASSES)
         return GH_EARG;
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return GH_EARG;
     for (s = h->nonempty[cl]; s != NULL && k < max; s = s->next)
         out[k++] = (uintptr_t)s;
     heap_unlock(h);
@@ -638,7 +665,8 @@ static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero)
         return (uintptr_t)-GH_MISS;
     cl = size <= 1024 ? h->size_to_class8[(size + 7) >> 3]
                       : h->size_to_class128[(size - 1024 + 127) >> 7];
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return (uintptr_t)-GH_EARG;
     if (h->frozen) {
         heap_unlock(h);
         return (uintptr_t)-GH_MISS; /* the slow path waits for check() */
@@ -670,11 +698,14 @@ static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero)
     s->ref++;
     h->nmalloc[cl]++;
     bitmap_set(h, v, GH_BIT_ALLOCATED, GH_BIT_BOUNDARY);
-    heap_unlock(h);
-    /* The object is ours alone now: zero it outside the lock. */
+    /* Zeroed before the unlock, though the object is ours alone: once the
+     * lock is free, gh_mheap_close may run and the arena be unmapped (by
+     * another thread that holds the GIL) while a caller without it is still
+     * here.  Uncontended, the longer hold costs nothing. */
     ((uintptr_t *)v)[0] = 0;
     if (zero && s->elemsize > 2 * GH_PTR_SIZE && ((uintptr_t *)v)[1] != 0)
         memset((void *)v, 0, s->elemsize);
+    heap_unlock(h);
     return v;
 }
 
@@ -702,7 +733,8 @@ int gh_mcache_free(gh_mheap *h, uintptr_t v)
         return GH_EARG;
     if (v < h->arena_start || v >= h->arena_used || v % GH_PTR_SIZE != 0)
         return GH_EINVALID;
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return GH_EARG;
     if (h->frozen) {
         heap_unlock(h);
         return GH_EBUSY;
@@ -748,7 +780,8 @@ int gh_large_free(gh_mheap *h, uintptr_t v)
         return GH_EARG;
     if (v < h->arena_start || v >= h->arena_used || v % GH_PTR_SIZE != 0)
         return GH_EINVALID;
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return GH_EARG;
     bits = bitmap_bits(h, v);
     s = *spans_slot(h, v);
     if (!(bits & GH_BIT_ALLOCATED))
@@ -776,6 +809,24 @@ int gh_mheap_freeze(gh_mheap *h, int frozen)
     return GH_OK;
 }
 
+/* Close h for every C call: the arena fields, the mcache and the nonempty
+ * lists are cleared under the lock, so a call that holds it now finishes
+ * first and every later one sees a closed heap (heap_lock_open) and touches
+ * nothing.  Only then may Python give the memory back. */
+int gh_mheap_close(gh_mheap *h)
+{
+    uint32_t cl;
+    if (h == NULL)
+        return GH_EARG;
+    heap_lock(h);
+    h->arena_start = h->arena_used = h->spans = 0;
+    for (cl = 0; cl < GH_NUM_SIZE_CLASSES; cl++)
+        h->alloc[cl] = h->nonempty[cl] = NULL;
+    h->frozen = 0;
+    heap_unlock(h);
+    return GH_OK;
+}
+
 /* Swap the span the mcache allocates from for class cl; the old one (or 0)
  * comes back in *old, uncached, and on the nonempty list if it has room. */
 int gh_mcache_swap(gh_mheap *h, uint32_t cl, gh_mspan *s, uintptr_t *old)
@@ -784,7 +835,8 @@ int gh_mcache_swap(gh_mheap *h, uint32_t cl, gh_mspan *s, uintptr_t *old)
     if (h == NULL || old == NULL || cl == 0 || cl >= GH_NUM_SIZE_CLASSES ||
         (s != NULL && (s->sizeclass != cl || s->state != GH_MSPAN_IN_USE || s->inlist)))
         return GH_EARG;
-    heap_lock(h);
+    if (!heap_lock_open(h))
+        return GH_EARG;
     prev = h->alloc[cl];
     if (prev != NULL) {
         prev->incache = 0;

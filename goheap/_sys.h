@@ -140,6 +140,7 @@ int gh_mcentral_list(gh_mheap *h, uint32_t cl, uintptr_t *out, uintptr_t max, ui
 int gh_mcache_counts(gh_mheap *h, uint64_t *nmalloc, uint64_t *nfree);
 int gh_large_free(gh_mheap *h, uintptr_t v);                  /* 0, GH_EDOUBLE, GH_EINVALID */
 int gh_mheap_freeze(gh_mheap *h, int frozen);
+int gh_mheap_close(gh_mheap *h);                                 /* every later call: closed */
 int gh_memclr(uintptr_t v, uintptr_t n);
 
 /* ---- fault reporter (efence diagnosis) ------------------------------------ */

@@ -3,56 +3,38 @@
 Vocabulary: a *Block* owns exactly one object of one heap (``Heap.alloc``); an
 *export* is a buffer some consumer (memoryview, bytes, NumPy) took from it.
 
+The buffer protocol is C's (``BlockBase`` in goheap/_pyfast.c), the same on
+every Python: format "B", itemsize 1, writable, one dimension, and every
+export counted until it is released.  Only a C type can export a buffer
+before Python 3.12, and the count has to live where the buffer is handed out.
+Everything else -- when to free, what to say -- is here.
+
 Lifetime, the invariants this module owns:
 - the object is freed exactly once: by ``free()``, by the ``with`` block's end,
-  or by a ``weakref.finalize`` when the Block is garbage, whichever comes first
-  (the finalizer is detached by ``free()``, so it never frees twice);
-- every export holds a reference to the Block, so a NumPy array or memoryview
-  built on a Block keeps the object alive: the finalizer cannot run under it;
-- after ``free()`` every Block operation raises ValueError before touching
-  memory (``free()`` itself may be repeated, like ``file.close()``).
-
-The buffer protocol, and why there are two implementations:
-- Python >= 3.12 (PEP 688): Block defines ``__buffer__``/``__release_buffer__``
-  and counts its exports; ``free()`` raises BufferError while one is alive
-  (as ``bytearray`` refuses to resize and ``mmap`` to close), and a freed Block
-  refuses to export.  The Block is then fully safe.
-- Python 3.10/3.11 cannot let a Python class export a buffer.  There each Block
-  is an instance of a per-size subclass of ``ctypes.c_ubyte * size`` placed on
-  the object's address (``from_address``: no copy), so ``memoryview(block)`` and
-  ``numpy.frombuffer(block)`` work, zero-copy, with ctypes as the exporter.
-  ctypes spells the format "<B", which NumPy reads but memoryview will not
-  index: use ``memoryview(block).cast("B")``, or ``block.view`` (format "B").
-  ctypes does not count exports, so here ``free()`` cannot see a live view: a
-  memoryview or array taken from a Block and kept past ``free()`` points at
-  freed memory, and ``memoryview(block)`` after ``free()`` is not caught.
-  Everything written in Python (indexing, slicing, ``bytes()``, ``.view``,
-  ``len``) still checks.  Letting the Block go out of scope instead of calling
-  ``free()`` is always safe: the finalizer waits for the last view.
+  or by the finalizer when the Block is garbage, whichever comes first
+  (C's ``_release`` flips the Block to freed once, so nothing frees twice);
+- ``free()`` under a live export raises BufferError and frees nothing (as
+  ``bytearray`` refuses to resize and ``mmap`` to close); every export holds a
+  reference to the Block, so the finalizer never runs under one;
+- after ``free()`` every access raises ValueError before touching memory:
+  ``memoryview(b)``, ``bytes(b)``, ``numpy.frombuffer(b)``, ``b[0]``, slicing,
+  ``len``, ``addr`` (``free()`` itself may be repeated, like ``file.close()``);
+- the Block holds its heap's arena owner (mheap.ArenaOwner), so its memory
+  stays mapped after ``Heap.close()`` until the Block and its exports are
+  gone: it stays readable and writable, and ``free()`` says HeapClosed.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
-import sys
-import weakref
-from typing import Any, cast
+from typing import Any, NoReturn
 
-PEP688 = sys.version_info >= (3, 12)
+from goheap import _native
 
-
-def _free_quietly(heap: Any, v: int) -> None:
-    # Runs from the garbage collector: the heap may have been closed (its
-    # memory is gone, nothing to free) and there is nobody to raise to.
-    try:
-        heap.free(v)
-    except Exception:
-        pass
+BlockBase: Any = _native.block_base()
 
 
-class Block:
+class Block(BlockBase):  # type: ignore[misc]  # a C type: mypy sees Any
     """One live goheap object, as a writable bytes-like buffer of ``size`` bytes.
 
     Made by ``Heap.alloc(size)``; never construct it directly.  Supports
@@ -60,15 +42,9 @@ class Block:
     (an int, or ``bytes`` for a slice, as ``mmap`` does), slice assignment,
     ``numpy.frombuffer(block, dtype)``, and ``with``.  ``free()`` gives the
     object back; otherwise it is freed when the Block is garbage collected.
-    See the module docstring for what Python 3.10/3.11 cannot check."""
+    Equality and hash are identity: two Blocks are never the same object."""
 
-    __slots__ = ()  # storage comes from the concrete class (see _block_class)
-
-    _heap: Any
-    _addr: int
-    _size: int
-    _finalizer: weakref.finalize
-    _exports: int
+    __slots__ = ("__weakref__",)
 
     # ---- identity ------------------------------------------------------------------------
 
@@ -76,78 +52,69 @@ class Block:
     def addr(self) -> int:
         """The object's address (an int); valid until ``free()``."""
         self._check()
-        return self._addr
+        return int(self._addr)
 
     @property
     def size(self) -> int:
         """The length of the buffer in bytes: the size asked for, not the class size
         (``heap.usable_size(block.addr)`` gives that)."""
-        return self._size
+        return int(self._size)
 
     @property
     def heap(self) -> Any:
         """The Heap the object belongs to."""
         return self._heap
 
-    @property
-    def freed(self) -> bool:
-        """Whether ``free()`` has run."""
-        return not self._finalizer.alive
-
     # ---- access --------------------------------------------------------------------------
 
     def _check(self) -> None:
-        if not self._finalizer.alive:
+        if self.freed:
             raise ValueError(f"operation on a freed goheap.Block (was {self._addr:#x})")
 
     @property
     def view(self) -> memoryview:
-        """A writable memoryview of the ``size`` bytes (format "B"), checked now:
-        ValueError if the Block is freed, HeapClosed if its heap is.  Like any
-        view, it must not be used after ``free()``."""
-        self._check()
-        return self._heap.view(self._addr, self._size) if self._size else memoryview(b"")
+        """A writable memoryview of the ``size`` bytes (format "B"): an export,
+        so ``free()`` raises BufferError until it is released.  ValueError if
+        the Block is freed."""
+        return memoryview(self)
 
     def __len__(self) -> int:
         self._check()
-        return self._size
+        return int(self._size)
 
     def __getitem__(self, key: int | slice) -> int | bytes:
-        v = self.view[key]
-        return v.tobytes() if isinstance(v, memoryview) else v
+        with memoryview(self) as m:
+            v = m[key]
+            if isinstance(v, memoryview):
+                with v:
+                    return v.tobytes()
+            return v
 
     def __setitem__(self, key: int | slice, value: Any) -> None:
-        self.view[key] = value
+        with memoryview(self) as m:
+            m[key] = value
 
     def __bytes__(self) -> bytes:
-        return self.view.tobytes()
-
-    # ---- the buffer protocol on Python >= 3.12 (PEP 688) ---------------------------------
-
-    def __buffer__(self, flags: int) -> memoryview:
-        """PEP 688 export: refused once freed; counted until released."""
-        v = self.view
-        self._exports += 1  # type: ignore[misc]  # slots live in the concrete class
-        return v
-
-    def __release_buffer__(self, view: memoryview) -> None:
-        """PEP 688: the consumer is done with an export."""
-        self._exports -= 1  # type: ignore[misc]
-        view.release()
+        with memoryview(self) as m:
+            return m.tobytes()
 
     # ---- freeing -------------------------------------------------------------------------
 
     def free(self) -> None:
         """Free the object now.  Repeating it does nothing.  BufferError (and no
-        free) while a buffer exported on Python >= 3.12 is alive."""
-        if not self._finalizer.alive:
-            return
-        if self._exports:
-            raise BufferError(
-                f"goheap.Block {self._addr:#x}: {self._exports} exported buffer(s) still alive"
-            )
-        self._finalizer.detach()
-        self._heap.free(self._addr)
+        free) while an exported buffer is alive; HeapClosed if the heap was
+        closed (the Block counts as freed then: its memory goes with it)."""
+        if self._release():
+            self._heap.free(self._addr)
+
+    def __del__(self) -> None:
+        # The garbage collector's free: nobody to raise to, and the heap may be
+        # closed (then the memory goes with the Block's arena owner).
+        try:
+            if self._release():
+                self._heap.free(self._addr)
+        except Exception:
+            pass
 
     def __enter__(self) -> Block:
         self._check()
@@ -160,42 +127,27 @@ class Block:
         state = "freed" if self.freed else f"at {self._addr:#x}"
         return f"<goheap.Block {self._size} bytes {state}>"
 
+    # ---- no copies -----------------------------------------------------------------------
 
-if PEP688:
+    def _refuse_copy(self, *args: object) -> NoReturn:
+        raise TypeError(
+            "cannot copy or pickle a goheap.Block: it owns one object at an address "
+            "of this process's heap, which a copy would share and free twice; "
+            "copy its contents instead (bytes(block), or heap.alloc and slice assignment)"
+        )
 
-    class _HeapBlock(Block):
-        __slots__ = ("__weakref__", "_addr", "_exports", "_finalizer", "_heap", "_size")
-
-    def _block_class(size: int) -> Any:
-        return _HeapBlock
-
-    def _place(cls: Any, v: int) -> Any:
-        return object.__new__(cls)
-
-else:
-
-    @functools.lru_cache(maxsize=512)
-    def _block_class(size: int) -> Any:
-        # goheap: Python < 3.12 lets only C types export buffers; a ctypes array
-        # over the object is the exporter, and Block's methods come first.
-        return type("Block", (Block, ctypes.c_ubyte * size), {"__module__": __name__})
-
-    def _place(cls: Any, v: int) -> Any:
-        return cls.from_address(v)
+    __reduce_ex__ = __reduce__ = __copy__ = __deepcopy__ = _refuse_copy  # type: ignore[assignment]
 
 
 def new_block(heap: Any, size: int) -> Block:
     """``Heap.alloc``'s body: malloc ``size`` zeroed bytes and wrap them."""
+    owner = heap._owner()  # first: a close() after the malloc cannot unmap under us
     v = heap.malloc(size)
     try:
-        b = _place(_block_class(size), v)
-        b._heap, b._addr, b._size, b._exports = heap, v, size, 0
-        b._finalizer = weakref.finalize(b, _free_quietly, heap, v)
-        b._finalizer.atexit = False  # at exit the heap's unmapping frees everything
+        return _native.block_new(Block, heap, owner, v, size)  # type: ignore[no-any-return]
     except BaseException:
         heap.free(v)
         raise
-    return b
 
 
 def new_ndarray(heap: Any, shape: int | tuple[int, ...], dtype: Any) -> Any:
@@ -213,4 +165,4 @@ def new_ndarray(heap: Any, shape: int | tuple[int, ...], dtype: Any) -> Any:
     if count < 0 or any(d < 0 for d in shape):
         raise ValueError(f"negative dimensions are not allowed: {shape}")
     b = new_block(heap, count * dt.itemsize)
-    return np.frombuffer(cast(Any, b), dtype=dt, count=count).reshape(shape)
+    return np.frombuffer(b, dtype=dt, count=count).reshape(shape)

@@ -256,6 +256,7 @@ class Heap:
         return sum(c.reclaim() for c in self._central[1:])
 
     def _reinit_locks(self) -> None:
+        self._checker = 0  # a check() in another thread at fork time never ends here
         self._h.lock = threading.RLock()
         self._lock = self._h.lock
         self._c.lock = 0
@@ -428,6 +429,14 @@ class Heap:
         the Block is garbage collected."""
         return new_block(self, size)
 
+    def _owner(self) -> Any:
+        """For exports (block.py, view()): the arena owner, which keeps the
+        heap's memory mapped while they live.  HeapClosed once closed."""
+        owner = self._h.owner
+        if owner is None:
+            raise HeapClosed("the heap is closed")
+        return owner
+
     def ndarray(self, shape: int | tuple[int, ...], dtype: Any = float) -> Any:
         """A zeroed NumPy array of ``shape`` and ``dtype`` on one goheap object,
         freed when the array and every view of it are gone.  Needs NumPy."""
@@ -452,7 +461,10 @@ class Heap:
 
     def view(self, v: int, size: int | None = None) -> memoryview:
         """A writable memoryview of ``size`` bytes at v (default: to the object's
-        end).  ValueError if the range leaves the live object containing v."""
+        end).  ValueError if the range leaves the live object containing v.
+        The view keeps the heap's memory mapped after ``close()`` (see there);
+        like any raw address, it must not be used after ``free(v)``."""
+        owner = self._owner()  # first: a close() after the lookup cannot unmap under the view
         r = self.lookup(v)
         if r is None:
             raise ValueError(f"view({v:#x}): not inside a live object")
@@ -462,7 +474,7 @@ class Heap:
             size = avail
         if not isinstance(size, int) or size < 0 or size > avail:
             raise ValueError(f"view({v:#x}, {size}): the object [{base:#x}, +{n}) ends first")
-        return _native.view(v, size)
+        return _native.view(v, size, owner)
 
     def explain(self, addr: int) -> str:
         """One line saying what addr is: a live object (base, size), a freed and
@@ -659,7 +671,13 @@ class Heap:
             raise HeapCorruption("MStats: " + "; ".join(errs))
 
     def close(self) -> None:
-        """Unmap everything.  Later calls raise HeapClosed; closing twice is fine."""
+        """Close the heap: from now on malloc, free and every query raise
+        HeapClosed (closing twice is fine), in every thread, C callers
+        included.  The memory is unmapped now if nothing can reach it, else
+        when the last export is gone: a Block, a ``Heap.ndarray`` array or a
+        view of one, a ``view()`` memoryview.  Those stay readable and
+        writable until then; ``Block.free()`` raises HeapClosed (the Block's
+        finalizer says nothing).  Then nothing of the heap stays mapped."""
         with self._lock:
             if self._closed:
                 return

@@ -26,9 +26,7 @@ def test_block_buffer_is_the_object_zero_copy(heap):
     assert b.size == len(b) == 100 and heap.usable_size(b.addr) == 112
     m = memoryview(b)
     assert m.nbytes == 100 and not m.readonly
-    if not block_mod.PEP688:
-        assert m.format == "<B"  # ctypes' spelling: memoryview indexes only native formats
-        m = m.cast("B")
+    assert (m.format, m.itemsize, m.ndim, m.shape) == ("B", 1, 1, (100,))
     m[:5] = b"hello"  # through the exported buffer ...
     assert heap.view(b.addr, 5).tobytes() == b"hello"  # ... into the heap object itself
     assert bytes(b)[:6] == b"hello\0" and b[1] == ord("e") and b[0:3] == b"hel"
@@ -120,37 +118,92 @@ def test_block_freed_raises_before_touching_memory(heap, op):
         ops[op]()
 
 
-def test_block_after_heap_close_raises(heap):
+def test_block_after_heap_close_stays_usable_and_free_says_closed(heap):
+    h = goheap.Heap(arena_size=1 << 28)
+    b = h.alloc(16)
+    b[0:5] = b"hello"
+    h.close()
+    assert bytes(b)[:5] == b"hello"  # still mapped: the Block holds the arena owner
+    b[5] = 33
+    with pytest.raises(goheap.HeapClosed):
+        b.free()
+    with pytest.raises(ValueError, match=r"freed goheap\.Block"):
+        bytes(b)  # free() counted: the object is gone for the Block too
+    del b
+    gc.collect()
+
+
+def test_block_finalizer_after_close_is_quiet(heap, capsys):
     h = goheap.Heap(arena_size=1 << 28)
     b = h.alloc(16)
     h.close()
-    with pytest.raises(goheap.HeapClosed):
-        bytes(b)
     del b
-    gc.collect()  # the finalizer meets a closed heap and stays quiet
+    gc.collect()
+    assert "Exception ignored" not in capsys.readouterr().err
 
 
-def test_block_pep688_exports_block_free(heap):
-    # Python >= 3.12 calls these for memoryview(block); here they are called the
-    # way the interpreter would, so the export bookkeeping is tested on 3.11 too.
+def test_block_free_under_a_live_export_raises_buffererror(heap):
     b = heap.alloc(48)
-    mv = b.__buffer__(0)
+    m = memoryview(b)
     with pytest.raises(BufferError, match="1 exported"):
         b.free()
     assert not b.freed and heap.lookup(b.addr) is not None
-    b.__release_buffer__(mv)
+    a = np.frombuffer(b, dtype=np.uint8)  # NumPy holds an export too
+    m.release()
+    with pytest.raises(BufferError, match="1 exported"):
+        b.free()
+    del a
     b.free()
-    with pytest.raises(ValueError):
-        b.__buffer__(0)
+    assert b.freed and heap.lookup(b._addr) is None
 
 
-@pytest.mark.skipif(block_mod.PEP688, reason="the ctypes exporter is used before 3.12 only")
-def test_block_ctypes_exporter_is_the_object(heap):
-    import ctypes
+@pytest.mark.parametrize(
+    "op", ["memoryview", "bytes", "frombuffer", "index", "slice", "assign", "view", "len"]
+)
+def test_block_every_access_after_free_raises_valueerror(heap, op):
+    b = heap.alloc(64)
+    b.free()
+    ops = {
+        "memoryview": lambda: memoryview(b),
+        "bytes": lambda: bytes(b),
+        "frombuffer": lambda: np.frombuffer(b, dtype=np.uint8),
+        "index": lambda: b[0],
+        "slice": lambda: b[2:9],
+        "assign": lambda: b.__setitem__(slice(0, 2), b"xy"),
+        "view": lambda: b.view,
+        "len": lambda: len(b),
+    }
+    with pytest.raises(ValueError, match=r"freed goheap\.Block"):
+        ops[op]()
 
-    b = heap.alloc(24)
-    assert isinstance(b, goheap.Block) and isinstance(b, ctypes.Array)
-    assert ctypes.addressof(b) == b.addr
+
+def test_block_identity_equality_hash_and_repr(heap):
+    b, c = heap.alloc(8), heap.alloc(8)
+    assert b == b and b != c and hash(b) == hash(b) and len({b, c}) == 2
+    assert repr(b) == f"<goheap.Block 8 bytes at {b.addr:#x}>"
+    b.free()
+    assert repr(b) == "<goheap.Block 8 bytes freed>"
+
+
+@pytest.mark.parametrize("how", ["pickle", "copy", "deepcopy"])
+def test_block_cannot_be_copied_or_pickled(heap, how):
+    import copy
+    import pickle
+
+    b = heap.alloc(8)
+    do = {"pickle": pickle.dumps, "copy": copy.copy, "deepcopy": copy.deepcopy}[how]
+    with pytest.raises(TypeError, match=r"goheap\.Block.*free twice"):
+        do(b)
+
+
+@pytest.mark.parametrize("make", ["block", "base", "exporter"])
+def test_block_types_cannot_be_instantiated_from_python(heap, make):
+    exporter = memoryview(heap.view(heap.malloc(8))).obj
+    cls = {"block": goheap.Block, "base": block_mod.BlockBase, "exporter": type(exporter)}[make]
+    with pytest.raises(TypeError):
+        cls()
+    with pytest.raises(TypeError):
+        cls.__new__(cls)
 
 
 def test_block_ndarray_without_numpy_says_so(tmp_path):
