@@ -300,6 +300,8 @@ class Heap:
         return size
 
     def _malloc_slow(self, size: object, zero: bool, status: int) -> int:
+        if self._checker == threading.get_ident():
+            return int(self._during_check(lambda: self.malloc(size, zero)))  # type: ignore[arg-type]
         n = self._check_size(size)
         with self._lock:
             if self._closed:
@@ -372,6 +374,9 @@ class Heap:
         v = v.__index__()  # numpy.uint64 and friends: C took them as ints too
         if self._closed:
             raise HeapClosed("free on a closed heap")
+        if self._checker == threading.get_ident():
+            self._during_check(lambda: self.free(v))
+            return
         if st == _EBUSY:
             with self._lock:  # check() froze the fast path; it is done once we hold the lock
                 st = _mcache_free(self._c, v)
@@ -596,14 +601,55 @@ class Heap:
         with self._lock:
             if self._closed:
                 raise HeapClosed("check on a closed heap")
-            # Other threads' C fast paths do not take the Python lock: freeze
-            # them (they fall back to the slow path, which waits for this lock)
-            # so the walk sees one consistent heap.
+            # A finalizer the GC runs inside the walk may malloc or free on this
+            # thread; it runs at once (_during_check) and the walk starts over,
+            # since what it saw before may no longer hold.  The walk only reads,
+            # so starting over is always safe, and each pass can only meet the
+            # garbage there is: a heap that changes under every walk is a
+            # finalizer that allocates garbage forever.
+            for _ in range(self.CHECK_WALKS):
+                if self._check_walk_locked():
+                    return
+            raise RuntimeError(
+                f"check(): finalizers changed the heap during each of {self.CHECK_WALKS} walks"
+            )
+
+    def _check_walk_locked(self) -> bool:
+        """One walk; False if a finalizer changed the heap during it."""
+        # Other threads' C fast paths do not take the Python lock: freeze
+        # them (they fall back to the slow path, which waits for this lock)
+        # so the walk sees one consistent heap.
+        self._check_dirty = False
+        self._checker = threading.get_ident()
+        _native.mheap_freeze(self._c, True)
+        try:
+            self._check_locked()
+        except Exception:
+            # Mid-walk, a re-entrant malloc or free can break any rule the
+            # walk was checking (or the walk itself); only a clean heap's
+            # verdict counts.
+            if not self._check_dirty:
+                raise
+        finally:
+            self._checker = 0
+            _native.mheap_freeze(self._c, False)
+        return not self._check_dirty
+
+    def _during_check(self, op: Any) -> Any:
+        """Run op, a malloc or free that re-entered check() on its own thread (a
+        finalizer run by the GC during the walk), now and for real: it holds
+        the re-entrant lock, so it cannot wait for the walk to end, and
+        deferring it would leak on error paths.  The fast path is thawed
+        around it and the walk starts over (issue 14: frozen, the free said
+        HeapCorruption and the malloc carved a span mid-walk)."""
+        self._checker = 0
+        _native.mheap_freeze(self._c, False)
+        try:
+            return op()
+        finally:
+            self._check_dirty = True
             _native.mheap_freeze(self._c, True)
-            try:
-                self._check_locked()
-            finally:
-                _native.mheap_freeze(self._c, False)
+            self._checker = threading.get_ident()
 
     def _check_locked(self) -> None:
         h = self._h
