@@ -34,7 +34,7 @@ from goheap import _native
 BlockBase: Any = _native.block_base()
 
 
-class Block(BlockBase):  # type: ignore[misc]  # a C type: mypy sees Any
+class Block(BlockBase):  # a C type: mypy sees Any
     """One live goheap object, as a writable bytes-like buffer of ``size`` bytes.
 
     Made by ``Heap.alloc(size)``; never construct it directly.  Supports
@@ -136,7 +136,7 @@ class Block(BlockBase):  # type: ignore[misc]  # a C type: mypy sees Any
             "copy its contents instead (bytes(block), or heap.alloc and slice assignment)"
         )
 
-    __reduce_ex__ = __reduce__ = __copy__ = __deepcopy__ = _refuse_copy  # type: ignore[assignment]
+    __reduce_ex__ = __reduce__ = __copy__ = __deepcopy__ = _refuse_copy
 
 
 def new_block(heap: Any, size: int) -> Block:
@@ -144,7 +144,7 @@ def new_block(heap: Any, size: int) -> Block:
     owner = heap._owner()  # first: a close() after the malloc cannot unmap under us
     v = heap.malloc(size)
     try:
-        return _native.block_new(Block, heap, owner, v, size)  # type: ignore[no-any-return]
+        return _native.block_new(Block, heap, owner, v, size)
     except BaseException:
         heap.free(v)
         raise
