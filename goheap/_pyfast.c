@@ -18,6 +18,10 @@
  * Invariants: h stays valid while the object lives (it holds `owner`, the
  * Python object that owns h's memory); a closed heap has arena_start == 0, so
  * the C core refuses it and the slow path raises HeapClosed.
+ *
+ * The file's second half is the C base of goheap.Block (BlockBase): the
+ * buffer protocol and its export count, which only a C type can give on
+ * every Python goheap supports.  See that section's comment.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
