@@ -25,16 +25,18 @@
 
 typedef void *(*bp_malloc_fn)(size_t);
 typedef void (*bp_free_fn)(void *);
+typedef void *(*bp_calloc_fn)(size_t, size_t);
 
 struct bp_table {
     bp_malloc_fn malloc;  /* the peer's malloc, resolved from its own handle */
     bp_free_fn free;      /* its free */
+    bp_calloc_fn calloc;  /* its calloc (only glibc's is offered to Python) */
     void *release;        /* its "return memory to the OS" entry point, or NULL */
     void *handle;         /* dlopen handle; NULL for glibc, which is already in the process */
 };
 
 static struct bp_table tables[BP_NPEERS] = {
-    [BP_LIBC] = {malloc, free, NULL, NULL},
+    [BP_LIBC] = {malloc, free, calloc, NULL, NULL},
 };
 
 static char last_error[512];
@@ -78,6 +80,7 @@ int bp_open(int peer, const char *path)
     }
     tables[peer].malloc = m;
     tables[peer].free = f;
+    tables[peer].calloc = (bp_calloc_fn)dlsym(h, "calloc");
     tables[peer].release = dlsym(h, release_symbol[peer]);
     tables[peer].handle = h;
     return 0;
@@ -98,6 +101,7 @@ uintptr_t bp_malloc_address(int peer)
 
 uintptr_t bp_libc_malloc(size_t size) { return (uintptr_t)tables[BP_LIBC].malloc(size); }
 void bp_libc_free(uintptr_t p) { tables[BP_LIBC].free((void *)p); }
+uintptr_t bp_libc_calloc(size_t size) { return (uintptr_t)tables[BP_LIBC].calloc(1, size); }
 uintptr_t bp_jemalloc_malloc(size_t size) { return (uintptr_t)tables[BP_JEMALLOC].malloc(size); }
 void bp_jemalloc_free(uintptr_t p) { tables[BP_JEMALLOC].free((void *)p); }
 uintptr_t bp_mimalloc_malloc(size_t size) { return (uintptr_t)tables[BP_MIMALLOC].malloc(size); }

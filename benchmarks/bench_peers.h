@@ -31,6 +31,8 @@ uintptr_t bp_malloc_address(int peer);
 /* The Python call shape: one argument in, an integer address out; the same for every peer. */
 uintptr_t bp_libc_malloc(size_t size);
 void bp_libc_free(uintptr_t p);
+/* glibc calloc(1, size), through the same table: the fair reference for zeroed allocations. */
+uintptr_t bp_libc_calloc(size_t size);
 uintptr_t bp_jemalloc_malloc(size_t size);
 void bp_jemalloc_free(uintptr_t p);
 uintptr_t bp_mimalloc_malloc(size_t size);

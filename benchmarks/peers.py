@@ -2,18 +2,21 @@
 
 Design note. A peer is described by small pieces of Python source (an allocation expression in
 ``s``, a statement that frees ``p``, a statement that touches every OS page of ``p``) plus the names
-they use. run.py pastes those pieces into its timing loops, the way ``timeit`` pastes a statement
-into its template, so each peer is timed as a user would write it: ``free(malloc(s))`` for an
-allocator that hands out integer addresses, ``bytearray(s)`` dropped by reference counting for
-the Python objects, ``m.close()`` for mmap. No peer pays for a wrapper function the others do not.
+they use. harness.py pastes those pieces into its timing loops, the way ``timeit`` pastes a
+statement into its template, so each peer is timed as a user would write it: ``free(malloc(s))``
+for an allocator that hands out integer addresses, ``bytearray(s)`` dropped by reference counting
+for the Python objects, ``m.close()`` for mmap. No peer pays for a wrapper function the others do
+not.
 
 The C allocators come from a small cffi API-mode module that this file builds at run time into
 ``benchmarks/_build/`` (source: bench_peers.c / bench_peers.h). glibc through that module is the
 reference, "cffi-libc": it is stock cffi (the GIL is released around each call, as any cffi user
-gets), one argument in, an integer out. jemalloc, mimalloc and tcmalloc go through the same
-module, dlopen'ed with RTLD_LOCAL from Debian's packages, so their call cost matches glibc's and
-the process's own malloc is not replaced. A peer that is not installed is skipped with a reason
-that says how to install it; nothing is skipped silently.
+gets), one argument in, an integer out. glibc's calloc(1, n) through the same module, "cffi-libc
+calloc", is the reference for zeroed memory: goheap's malloc zeroes by default, so it is judged
+against calloc, and ``malloc(n, zero=False)`` against malloc. jemalloc, mimalloc and tcmalloc go
+through the same module, dlopen'ed with RTLD_LOCAL from Debian's packages, so their call cost
+matches glibc's and the process's own malloc is not replaced. A peer that is not installed is
+skipped with a reason that says how to install it; nothing is skipped silently.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ RELEASE_LABEL = {  # what bp_release() calls for each C peer
 
 OS_PAGE = mmap.PAGESIZE
 REFERENCE = "cffi-libc"
+# glibc calloc(1, n) + free through the same module: the fair reference for goheap's zeroed malloc
+# (its default), as REFERENCE is for malloc(n, zero=False).
+CALLOC = "cffi-libc calloc"
 
 
 @dataclass
@@ -71,6 +77,7 @@ class Peer:
     min_size: int = 0  # smallest size the peer is meant for (mmap: large sizes only)
     kind: str = "python"  # "c" for the cffi-table peers, "goheap", "python"
     note: str = ""
+    twin_of: str | None = None  # the peer this one is another entry point of (same memory)
 
     def free_stmt(self, place: str) -> str:
         return self.free.format(p=place)
@@ -155,20 +162,45 @@ def _c_peer(mod: Any, name: str) -> Peer:
         alloc="malloc(s)",
         free="free({p})",
         touch="touch(p, s, pg)",
-        ns={"malloc": getattr(lib, f"bp_{short}_malloc"), "free": getattr(lib, f"bp_{short}_free"),
-            "touch": lib.bp_touch_addr, "release_": lib.bp_release, "idx": idx},
+        ns={
+            "malloc": getattr(lib, f"bp_{short}_malloc"),
+            "free": getattr(lib, f"bp_{short}_free"),
+            "touch": lib.bp_touch_addr,
+            "release_": lib.bp_release,
+            "idx": idx,
+        },
         release="release_(idx)",
         release_label=RELEASE_LABEL[short],
         kind="c",
-        note="glibc malloc/free through cffi API mode (the reference)" if short == "libc"
+        note="glibc malloc/free through cffi API mode (the reference)"
+        if short == "libc"
         else f"{short} from Debian's shared library, dlopen RTLD_LOCAL, same call shape",
     )
 
 
-def load_c_peers(mod: Any, wanted: set[str] | None = None) -> tuple[list[Peer], list[tuple[str, str]]]:
+def _calloc_peer(mod: Any) -> Peer:
+    ref = _c_peer(mod, REFERENCE)
+    ref.ns["calloc"] = mod.lib.bp_libc_calloc
+    return Peer(
+        name=CALLOC,
+        alloc="calloc(s)",
+        free=ref.free,
+        touch=ref.touch,
+        ns=ref.ns,
+        kind="c-calloc",
+        note="glibc calloc(1, n)/free through cffi API mode (the reference for zeroed memory)",
+        twin_of=REFERENCE,
+    )
+
+
+def load_c_peers(
+    mod: Any, wanted: set[str] | None = None
+) -> tuple[list[Peer], list[tuple[str, str]]]:
     peers, skipped = [], []
     if wanted is None or REFERENCE in wanted:
         peers.append(_c_peer(mod, REFERENCE))
+    if wanted is None or CALLOC in wanted:
+        peers.append(_calloc_peer(mod))
     for name, (idx, soname, package) in C_PEERS.items():
         if wanted is not None and name not in wanted:
             continue
@@ -186,7 +218,9 @@ def _buffer_touch(mod: Any) -> dict[str, Any]:
     return {"touch": mod.lib.bp_touch, "from_buffer": mod.ffi.from_buffer}
 
 
-def load_python_peers(mod: Any, wanted: set[str] | None = None) -> tuple[list[Peer], list[tuple[str, str]]]:
+def load_python_peers(
+    mod: Any, wanted: set[str] | None = None
+) -> tuple[list[Peer], list[tuple[str, str]]]:
     """pyarrow's pools, numpy.empty, bytearray, mmap: freed by dropping (or closing) the object."""
     peers, skipped = [], []
 
@@ -211,52 +245,63 @@ def load_python_peers(mod: Any, wanted: set[str] | None = None) -> tuple[list[Pe
                 except (NotImplementedError, AttributeError) as e:
                     skipped.append((name, f"this pyarrow build has no {pool_name} pool ({e})"))
                     continue
-                peers.append(Peer(
-                    name=name,
-                    alloc="allocate_buffer(s, pool)",
-                    free=drop,
-                    touch="touch_addr(p.address, s, pg)",
-                    ns={"allocate_buffer": pa.allocate_buffer, "pool": pool,
-                        "touch_addr": mod.lib.bp_touch_addr},
-                    release="pool.release_unused()",
-                    # allocate_buffer is given the pool, but pyarrow also allocates from the
-                    # default pool internally: make it the same one while this peer runs.
-                    before=functools.partial(pa.set_memory_pool, pool),
-                    note=f"pyarrow {pa.__version__} allocate_buffer on the {pool_name} pool",
-                ))
+                peers.append(
+                    Peer(
+                        name=name,
+                        alloc="allocate_buffer(s, pool)",
+                        free=drop,
+                        touch="touch_addr(p.address, s, pg)",
+                        ns={
+                            "allocate_buffer": pa.allocate_buffer,
+                            "pool": pool,
+                            "touch_addr": mod.lib.bp_touch_addr,
+                        },
+                        release="pool.release_unused()",
+                        # allocate_buffer is given the pool, but pyarrow also allocates from the
+                        # default pool internally: make it the same one while this peer runs.
+                        before=functools.partial(pa.set_memory_pool, pool),
+                        note=f"pyarrow {pa.__version__} allocate_buffer on the {pool_name} pool",
+                    )
+                )
     if want("numpy.empty"):
         try:
             import numpy as np
         except ImportError as e:
             skipped.append(("numpy.empty", f"numpy is not installed ({e}); pip install '.[bench]'"))
         else:
-            peers.append(Peer(
-                name="numpy.empty",
-                alloc="empty(s, u8)",
+            peers.append(
+                Peer(
+                    name="numpy.empty",
+                    alloc="empty(s, u8)",
+                    free=drop,
+                    touch="touch(from_buffer(p), s, pg)",
+                    ns={"empty": np.empty, "u8": np.dtype(np.uint8), **buf},
+                    note=f"numpy {np.__version__} empty(n, uint8), uninitialised",
+                )
+            )
+    if want("bytearray"):
+        peers.append(
+            Peer(
+                name="bytearray",
+                alloc="bytearray(s)",
                 free=drop,
                 touch="touch(from_buffer(p), s, pg)",
-                ns={"empty": np.empty, "u8": np.dtype(np.uint8), **buf},
-                note=f"numpy {np.__version__} empty(n, uint8), uninitialised",
-            ))
-    if want("bytearray"):
-        peers.append(Peer(
-            name="bytearray",
-            alloc="bytearray(s)",
-            free=drop,
-            touch="touch(from_buffer(p), s, pg)",
-            ns=dict(buf),
-            note="bytearray(n): zero-filled, freed by refcount",
-        ))
+                ns=dict(buf),
+                note="bytearray(n): zero-filled, freed by refcount",
+            )
+        )
     if want("mmap"):
-        peers.append(Peer(
-            name="mmap",
-            alloc="mmap(-1, s)",
-            free="{p}.close()",
-            touch="touch(from_buffer(p), s, pg)",
-            ns={"mmap": mmap.mmap, **buf},
-            min_size=32768,
-            note="mmap.mmap(-1, n), closed explicitly; for large sizes only",
-        ))
+        peers.append(
+            Peer(
+                name="mmap",
+                alloc="mmap(-1, s)",
+                free="{p}.close()",
+                touch="touch(from_buffer(p), s, pg)",
+                ns={"mmap": mmap.mmap, **buf},
+                min_size=32768,
+                note="mmap.mmap(-1, n), closed explicitly; for large sizes only",
+            )
+        )
     return peers, skipped
 
 
@@ -280,14 +325,29 @@ def goheap_reason() -> str | None:
 def goheap_peers(mod: Any, h: Any, label: str = "goheap") -> list[Peer]:
     """goheap's public API, called as a user calls it (bound methods, default zeroing) and, as a
     second row, with zero=False, which is malloc's contract rather than calloc's."""
-    ns = {"malloc": h.malloc, "free": h.free, "touch": mod.lib.bp_touch_addr,
-          "scavenge": h.scavenge}
+    ns = {
+        "malloc": h.malloc,
+        "free": h.free,
+        "touch": mod.lib.bp_touch_addr,
+        "scavenge": h.scavenge,
+    }
     common = dict(free="free({p})", touch="touch(p, s, pg)", release="scavenge()", kind="goheap")
     return [
-        Peer(name=label, alloc="malloc(s)", ns=dict(ns),
-             note="public h.malloc(s) / h.free(p), zeroed memory (the default)", **common),
-        Peer(name=f"{label} zero=False", alloc="malloc(s, zero=False)", ns=dict(ns),
-             note="h.malloc(s, zero=False): uninitialised, like malloc", **common),
+        Peer(
+            name=label,
+            alloc="malloc(s)",
+            ns=dict(ns),
+            note="public h.malloc(s) / h.free(p), zeroed memory (the default)",
+            **common,
+        ),
+        Peer(
+            name=f"{label} zero=False",
+            alloc="malloc(s, zero=False)",
+            ns=dict(ns),
+            note="h.malloc(s, zero=False): uninitialised, like malloc",
+            twin_of=label,
+            **common,
+        ),
     ]
 
 
@@ -309,7 +369,13 @@ def library_paths() -> dict[str, str]:
         parts = line.split()
         if len(parts) >= 6:
             base = os.path.basename(parts[5])
-            for key in ("libjemalloc", "libmimalloc", "libtcmalloc_minimal", "libc.so", "libarrow.so"):
+            for key in (
+                "libjemalloc",
+                "libmimalloc",
+                "libtcmalloc_minimal",
+                "libc.so",
+                "libarrow.so",
+            ):
                 if base.startswith(key):
                     paths[key] = os.path.realpath(parts[5])
     return paths
