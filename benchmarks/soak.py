@@ -86,12 +86,16 @@ def main() -> int:
             margins.append((op, margin, st.heap_inuse, meta))
         if op % a.sample_every == 0:
             st = h.stats()
-            samples.append((op, proc.memory_info().rss - rss0, st.heap_inuse, st.heap_released,
-                            live_bytes))
+            samples.append(
+                (op, proc.memory_info().rss - rss0, st.heap_inuse, st.heap_released, live_bytes)
+            )
             if op and op % (a.sample_every * 40) == 0:
                 rate = op / (time.monotonic() - t0)
-                print(f"{op:>10,} ops  {rate:,.0f} ops/s  live {live_bytes / MiB:8.1f} MiB  "
-                      f"rss {samples[-1][1] / MiB:8.1f} MiB", flush=True)
+                print(
+                    f"{op:>10,} ops  {rate:,.0f} ops/s  live {live_bytes / MiB:8.1f} MiB  "
+                    f"rss {samples[-1][1] / MiB:8.1f} MiB",
+                    flush=True,
+                )
 
     for v, _ in live:
         h.free(v)
@@ -99,19 +103,21 @@ def main() -> int:
     elapsed = time.monotonic() - t0
     st = h.stats()
     assert st.heap_objects == 0
-    ok = all(
-        -(inuse // 10 + 64 * MiB) <= m <= meta + 64 * MiB for _, m, inuse, meta in margins
-    )
+    ok = all(-(inuse // 10 + 64 * MiB) <= m <= meta + 64 * MiB for _, m, inuse, meta in margins)
     worst = min(margins, key=lambda m: m[1])
     peak_rss = max(s[1] for s in samples)
-    print(f"soak: {a.ops:,} ops ({nmalloc:,} malloc, {nfree:,} free) in {elapsed:.0f} s "
-          f"= {a.ops / elapsed:,.0f} ops/s; peak live {max(s[4] for s in samples) / MiB:.0f} MiB, "
-          f"peak RSS growth {peak_rss / MiB:.0f} MiB")
-    print(f"soak: RSS - heap_inuse after {len(margins)} scavenges: "
-          f"min {worst[1] / MiB:+.1f} MiB (at heap_inuse {worst[2] / MiB:.0f} MiB), "
-          f"max {max(m[1] for m in margins) / MiB:+.1f} MiB, metadata up to "
-          f"{max(m[3] for m in margins) / MiB:.0f} MiB; allowed "
-          f"[-(10% + 64 MiB), metadata + 64 MiB]: {'ok' if ok else 'FAIL'}")
+    print(
+        f"soak: {a.ops:,} ops ({nmalloc:,} malloc, {nfree:,} free) in {elapsed:.0f} s "
+        f"= {a.ops / elapsed:,.0f} ops/s; peak live {max(s[4] for s in samples) / MiB:.0f} MiB, "
+        f"peak RSS growth {peak_rss / MiB:.0f} MiB"
+    )
+    print(
+        f"soak: RSS - heap_inuse after {len(margins)} scavenges: "
+        f"min {worst[1] / MiB:+.1f} MiB (at heap_inuse {worst[2] / MiB:.0f} MiB), "
+        f"max {max(m[1] for m in margins) / MiB:+.1f} MiB, metadata up to "
+        f"{max(m[3] for m in margins) / MiB:.0f} MiB; allowed "
+        f"[-(10% + 64 MiB), metadata + 64 MiB]: {'ok' if ok else 'FAIL'}"
+    )
 
     try:
         import matplotlib
@@ -124,7 +130,12 @@ def main() -> int:
         os.makedirs(os.path.dirname(a.out), exist_ok=True)
         xs = [s[0] / 1e6 for s in samples]
         fig, ax = plt.subplots(figsize=(10, 5))
-        for k, label in ((1, "RSS growth"), (2, "heap_inuse"), (3, "heap_released"), (4, "live bytes")):
+        for k, label in (
+            (1, "RSS growth"),
+            (2, "heap_inuse"),
+            (3, "heap_released"),
+            (4, "live bytes"),
+        ):
             ax.plot(xs, [s[k] / MiB for s in samples], label=label, lw=1)
         ax.set_xlabel("operations (millions)")
         ax.set_ylabel("MiB")
