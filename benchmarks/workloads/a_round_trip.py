@@ -1,0 +1,89 @@
+"""(a) Round trip: malloc+free of one size, repeated, from 8 B to 4 MiB.
+
+See benchmarks/run.py for the layout of the suite.
+
+Every peer at every size it is meant for. Ratios are to glibc malloc+free through cffi
+("cffi-libc") and to glibc calloc+free through the same module ("cffi-libc calloc"): goheap's
+default malloc hands out zeroed memory, so calloc is its fair reference, and
+``malloc(n, zero=False)`` is judged against malloc. Above 32 KiB goheap leaves the small-object
+fast path for the page heap (issue 13), so the large sizes are where the two differ most.
+"""
+
+from __future__ import annotations
+
+import harness as H
+import targets as T
+
+KEY = "a"
+
+# Issue 4/6: the public (zeroed) round trip of a small size, against glibc malloc.
+TARGET_SMALL_RT = 1.0
+# Issue 13: at every size from 8 B to 4 MiB, zero=False against malloc, zeroed against calloc.
+TARGET_NOZERO = 1.0
+TARGET_ZEROED = 1.2
+
+
+def steps(bench: H.Bench) -> int:
+    return len(bench.cfg.rt_sizes) * bench.cfg.repeats
+
+
+def run(bench: H.Bench) -> None:
+    cases = [
+        bench.measure(
+            f"a {H.fmt_size(size)}",
+            {p.name: H.round_trip_runner(p, size) for p in bench.peers_for(size)},
+            (H.REF, H.CALLOC),
+        )
+        for size in bench.cfg.rt_sizes
+    ]
+    bench.record("a", "(a) round trip malloc+free of one size", "ns per op", cases)
+    judge_small(bench, cases)
+    judge_every_size(bench, cases)
+
+
+def judge_small(bench: H.Bench, cases: list[dict]) -> None:
+    for case in cases:
+        size = case["case"]
+        if not size.endswith(" B") or int(size.split()[0]) > 1024:
+            continue
+        row = case["rows"].get("goheap")
+        info = case["rows"].get("goheap zero=False")
+        extra = f"zero=False {info['ratio']:.2f}x" if info else ""
+        for other in ("numpy.empty", "pyarrow-mimalloc"):
+            if row and other in case["rows"]:
+                r = H.paired_ratio(row["samples"], case["rows"][other]["samples"])["ratio"]
+                extra += f"; vs {other} {r:.2f}x"
+        T.at_most(
+            bench,
+            f"(a) round trip {size} <= {TARGET_SMALL_RT}x cffi-libc",
+            "a",
+            row["ratio"] if row else None,
+            TARGET_SMALL_RT,
+            "goheap public malloc/free (zeroed) vs glibc through cffi",
+            extra.strip("; "),
+            why_missing=bench.goheap_skip or "goheap not measured",
+        )
+
+
+def judge_every_size(bench: H.Bench, cases: list[dict]) -> None:
+    missing = bench.goheap_skip or "goheap not measured"
+    for case in cases:
+        size = case["case"]
+        T.at_most(
+            bench,
+            f"(a) zero=False {size} <= {TARGET_NOZERO}x cffi-libc",
+            "a",
+            T.row_ratio(case, "goheap zero=False", H.REF, H.REF),
+            TARGET_NOZERO,
+            "h.malloc(n, zero=False)+free vs glibc malloc+free through cffi",
+            why_missing=missing,
+        )
+        T.at_most(
+            bench,
+            f"(a) zeroed {size} <= {TARGET_ZEROED}x cffi-libc calloc",
+            "a",
+            T.row_ratio(case, "goheap", H.CALLOC, H.REF),
+            TARGET_ZEROED,
+            "h.malloc(n)+free (zeroed) vs glibc calloc+free through cffi",
+            why_missing=missing,
+        )
