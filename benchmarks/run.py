@@ -56,7 +56,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--repeats", type=int, help="repeats per case (default 15, quick 5)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="directory for latest.json/png")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help=f"directory for latest.json/png (default {RESULTS}, quick runs {RESULTS / 'quick'}:"
+        " a quick run never overwrites the full run's figures the README shows)",
+    )
     ap.add_argument(
         "--markdown",
         type=Path,
@@ -66,6 +71,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     ap.add_argument("--rss-bytes", type=int, default=H.GiB, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / "quick" if args.quick else RESULTS
     unknown = (args.only or set()) - set(workloads.keys())
     if unknown:
         ap.error(f"--only: no workload {','.join(sorted(unknown))}")
