@@ -596,6 +596,11 @@ class Heap:
             self._h.spanalloc.compact()
             return released
 
+    # check() on this thread: its thread id, else 0 (see _during_check).
+    _checker = 0
+    _check_dirty = False
+    CHECK_WALKS = 100
+
     def check(self) -> None:
         """Walk every invariant; raise HeapCorruption naming the first broken one."""
         with self._lock:
