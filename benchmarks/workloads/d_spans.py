@@ -33,12 +33,14 @@ def steps(bench: H.Bench) -> int:
     return bench.cfg.repeats if bench.heap is not None else 0
 
 
+NAME_FLAT = f"(d) large vs 10..100,000 free spans flat within {TARGET_SPANS_FLAT}x"
+NAME_RATIO = f"(d) large vs 10..100,000 free spans <= {TARGET_SPANS_RATIO}x cffi-libc"
+
+
 def run(bench: H.Bench) -> None:
     if bench.heap is None:
-        for name, limit in (("flat", TARGET_SPANS_FLAT), ("ratio", TARGET_SPANS_RATIO)):
-            bench.target(
-                f"(d) large vs free spans: {name}", "d", None, limit, bench.goheap_skip or "", None
-            )
+        for name, limit in ((NAME_FLAT, TARGET_SPANS_FLAT), (NAME_RATIO, TARGET_SPANS_RATIO)):
+            bench.target(name, "d", None, limit, bench.goheap_skip or "", None)
         return
     import goheap
 
@@ -119,7 +121,7 @@ def judge(bench: H.Bench, cases: list[dict]) -> None:
     meds = {name: [c["rows"][name]["median"] for c in cases] for name in ROWS}
     T.at_most(
         bench,
-        f"(d) large vs 10..100,000 free spans flat within {TARGET_SPANS_FLAT}x",
+        NAME_FLAT,
         "d",
         T.flatness(meds["goheap zero=False"]),
         TARGET_SPANS_FLAT,
@@ -130,7 +132,7 @@ def judge(bench: H.Bench, cases: list[dict]) -> None:
     zeroed = [T.row_ratio(c, "goheap", H.CALLOC, H.REF) for c in cases]
     T.at_most(
         bench,
-        f"(d) large vs 10..100,000 free spans <= {TARGET_SPANS_RATIO}x cffi-libc",
+        NAME_RATIO,
         "d",
         worst,
         TARGET_SPANS_RATIO,
