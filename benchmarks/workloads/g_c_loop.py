@@ -217,7 +217,7 @@ def judge(bench: H.Bench, cases: list[dict]) -> None:
             continue
         row = case["rows"].get("goheap")
         other = case["rows"].get("goheap zero=False")
-        bench_info = f"zero=False {other['ratio']:.2f}x" if other else ""
+        info = f"zero=False {other['ratio']:.2f}x" if other else ""
         value = row["ratio"] if row else None
         bench.target(
             f"(g) C loop {case['case']} <= {STRETCH_C_LOOP}x C-loop glibc",
@@ -228,6 +228,6 @@ def judge(bench: H.Bench, cases: list[dict]) -> None:
             if row
             else "goheap's C fast path was not measured (see the notes)",
             None if value is None else value <= STRETCH_C_LOOP,
-            bench_info,
+            info,
             stretch=True,
         )
