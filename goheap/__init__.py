@@ -35,13 +35,13 @@ from goheap.sizeclasses import (
 )
 
 __all__ = [
-    "ArenaFallbackWarning",
     "MAX_ARENA32",
     "MAX_SMALL_SIZE",
     "NUM_SIZE_CLASSES",
     "PAGE_SHIFT",
     "PAGE_SIZE",
     "TRACEMALLOC_DOMAIN",
+    "ArenaFallbackWarning",
     "Block",
     "BySize",
     "DoubleFree",

@@ -40,6 +40,9 @@ MSPAN_FREE: int = lib.GH_MSPAN_FREE
 MSPAN_LIST_HEAD: int = lib.GH_MSPAN_LIST_HEAD
 MSPAN_DEAD: int = lib.GH_MSPAN_DEAD
 MSPAN_FAULTED: int = lib.GH_MSPAN_FAULTED
+MSPAN_CACHED: int = lib.GH_MSPAN_CACHED
+LCACHE_MIN_PAGES: int = lib.GH_LCACHE_MIN_PAGES
+LCACHE_MAX_PAGES: int = lib.GH_LCACHE_MAX_PAGES
 
 # Statuses come back from the alloc fast path as -status, below any address.
 STATUS_LIMIT = 4096
@@ -269,6 +272,32 @@ def large_free(h: Any, v: int) -> int:
     return st
 
 
+def large_account(h: Any, nalloc: int, alloc_bytes: int, nfree: int, free_bytes: int) -> None:
+    """Count large objects handed out or freed by Python's paths (gh_large_account)."""
+    ensure(lib.gh_large_account(h, nalloc, alloc_bytes, nfree, free_bytes), "large_account")
+
+
+def lcache_list(h: Any) -> list[int] | None:
+    """The struct addresses of every span in the large cache, or None if the
+    cache breaks one of its invariants (checked in C memory)."""
+    out = ffi.new("uintptr_t[]", max(int(h.lcache_nspans), 1))
+    n = ffi.new("uintptr_t *")
+    st = lib.gh_lcache_list(h, out, len(out), n)
+    if st == ECORRUPT:
+        return None
+    ensure(st, "lcache_list")
+    return [int(out[i]) for i in range(n[0])]
+
+
+def lcache_flush(h: Any, max_n: int = 1024) -> list[int]:
+    """Take up to max_n spans out of the large cache (IN_USE, ref 0, no bits):
+    their struct addresses, for Python to free into the page heap."""
+    out = ffi.new("uintptr_t[]", max_n)
+    n = ffi.new("uintptr_t *")
+    ensure(lib.gh_lcache_flush(h, out, max_n, n), "lcache_flush")
+    return [int(out[i]) for i in range(n[0])]
+
+
 def mheap_freeze(h: Any, frozen: bool) -> None:
     ensure(lib.gh_mheap_freeze(h, int(frozen)), "mheap_freeze")
 
@@ -315,6 +344,7 @@ def fastpath_pointers() -> tuple[int, int]:
     (signatures ``uintptr_t (*)(gh_mheap *, uintptr_t)`` and
     ``int (*)(gh_mheap *, uintptr_t)``)."""
     return int(lib.ghpy_fastpath_alloc_fn()), int(lib.ghpy_fastpath_free_fn())
+
 
 # ---- Block (goheap/_pyfast.c) -------------------------------------------------
 

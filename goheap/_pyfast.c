@@ -98,6 +98,10 @@ static PyObject *fast_malloc(ghpy_fast *self, PyObject *const *args, Py_ssize_t 
             PyErr_Format(PyExc_TypeError, "malloc() got an unexpected keyword argument '%U'", k);
             return NULL;
         }
+        if (nargs > (slot == &size ? 0 : 1)) { /* also given by position */
+            PyErr_Format(PyExc_TypeError, "malloc() got multiple values for argument '%U'", k);
+            return NULL;
+        }
         *slot = args[nargs + i];
     }
     if (size == NULL) {
@@ -130,10 +134,15 @@ static PyObject *fast_free(ghpy_fast *self, PyObject *const *args, Py_ssize_t na
         PyErr_Format(PyExc_TypeError, "free() takes exactly one argument (%zd given)", nargs);
         return NULL;
     }
-    if (!PyLong_Check(args[0])) {
+    if (!PyLong_Check(args[0]) && !PyIndex_Check(args[0])) {
         st = Py_NewRef(Py_None); /* not an address at all: TypeError from the slow path */
     } else {
-        v = PyLong_AsUnsignedLongLong(args[0]);
+        /* An __index__ int (numpy.uint64) is an address as malloc's sizes are. */
+        PyObject *idx = PyNumber_Index(args[0]);
+        if (idx == NULL)
+            return NULL;
+        v = PyLong_AsUnsignedLongLong(idx);
+        Py_DECREF(idx);
         if (v == (unsigned long long)-1 && PyErr_Occurred()) {
             PyErr_Clear();
             status = GH_EINVALID; /* negative or beyond 64 bits: in no heap */
@@ -178,8 +187,11 @@ static PyType_Slot fast_slots[] = {
     {0, NULL},
 };
 
+/* Only ghpy_fast_new makes one: instantiating the type from Python (or
+ * copy/pickle, which go through tp_new) would give a FastPath with no heap. */
 static PyType_Spec fast_spec = {
-    "goheap._ffi.FastPath", sizeof(ghpy_fast), 0, Py_TPFLAGS_DEFAULT, fast_slots,
+    "goheap._ffi.FastPath", sizeof(ghpy_fast), 0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION, fast_slots,
 };
 
 /* A new FastPath for heap h.  Called through ctypes.PyDLL (with the GIL held)

@@ -29,6 +29,7 @@
 #include <sched.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "_sys.h"
@@ -193,9 +194,16 @@ int gh_sys_used(uintptr_t v, size_t n, size_t pagesize)
 }
 
 /* Ready -> Reserved, for efence: every later touch faults, the address range
- * stays ours, the pages go back to the OS.  mprotect can fail (ENOMEM when
- * splitting the mapping would pass vm.max_map_count) and leaves the range
- * untouched when it does, so a failure never leaves a half-faulted object. */
+ * stays ours, the pages go back to the OS.
+ * Success means exactly "the range is inaccessible"; failure means exactly
+ * "nothing changed".  mprotect can fail (ENOMEM when splitting the mapping
+ * would pass vm.max_map_count) and leaves the range untouched when it does.
+ * Dropping the pages comes after and is best effort, as on macOS: madvise
+ * refuses locked pages (EINVAL after mlockall(MCL_FUTURE)), and by then the
+ * range already faults, so reporting that failure would tell the caller
+ * "nothing changed" about memory that no longer answers.  Locked pages stay
+ * resident, which is what locking them asked for; the next sys_map of the
+ * range (efence's delete_span) replaces them with fresh zero pages. */
 int gh_sys_fault(uintptr_t v, size_t n, size_t pagesize)
 {
     if (!os_args_ok(v, n, pagesize, 0))
@@ -203,10 +211,9 @@ int gh_sys_fault(uintptr_t v, size_t n, size_t pagesize)
     if (mprotect((void *)v, n, PROT_NONE) != 0)
         return errno;
 #if defined(__APPLE__) && defined(MADV_FREE_REUSABLE)
-    (void)madvise((void *)v, n, MADV_FREE_REUSABLE); /* best effort: already inaccessible */
+    (void)madvise((void *)v, n, MADV_FREE_REUSABLE);
 #else
-    if (madvise((void *)v, n, MADV_DONTNEED) != 0)
-        return errno;
+    (void)madvise((void *)v, n, MADV_DONTNEED);
 #endif
     return GH_OK;
 }
@@ -654,6 +661,8 @@ int gh_mcentral_list(gh_mheap *h, uint32_t cl, uintptr_t *out, uintptr_t max, ui
  * out-parameter.
  * ------------------------------------------------------------------------ */
 
+static uintptr_t large_alloc(gh_mheap *h, uintptr_t size, int zero); /* the large cache, below */
+
 static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero)
 {
     gh_mspan *s;
@@ -662,7 +671,7 @@ static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero)
     if (h == NULL || h->arena_start == 0)
         return (uintptr_t)-GH_EARG;
     if (size > GH_MAX_SMALL_SIZE)
-        return (uintptr_t)-GH_MISS;
+        return large_alloc(h, size, zero);
     cl = size <= 1024 ? h->size_to_class8[(size + 7) >> 3]
                       : h->size_to_class128[(size - 1024 + 127) >> 7];
     if (!heap_lock_open(h))
@@ -709,6 +718,201 @@ static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero)
     return v;
 }
 
+/* ------------------------------------------------------------------------
+ * The large-span cache (invariants in _sys.h).  Every function here runs
+ * with h->lock held by its caller.
+ * ------------------------------------------------------------------------ */
+
+static inline void lcache_push(gh_mheap *h, gh_mspan *s)
+{
+    uintptr_t b = s->npages - GH_LCACHE_MIN_PAGES;
+    s->next = h->lcache[b];
+    h->lcache[b] = s;
+    h->lcache_mask[b / 64] |= 1ULL << (b % 64);
+    h->lcache_bytes += s->npages << GH_PAGE_SHIFT;
+    h->lcache_nspans++;
+}
+
+static inline gh_mspan *lcache_pop(gh_mheap *h, uintptr_t b)
+{
+    gh_mspan *s = h->lcache[b];
+    h->lcache[b] = s->next;
+    if (s->next == NULL)
+        h->lcache_mask[b / 64] &= ~(1ULL << (b % 64));
+    s->next = NULL;
+    h->lcache_bytes -= s->npages << GH_PAGE_SHIFT;
+    h->lcache_nspans--;
+    return s;
+}
+
+/* Whether Python's scavenger tick is due: then the large paths miss, so
+ * Python runs and scavenges (C serves, Python governs when). */
+static inline int tick_due(const gh_mheap *h)
+{
+    struct timespec t;
+#if defined(__APPLE__)
+    clockid_t id = CLOCK_UPTIME_RAW; /* time.monotonic's clock on macOS */
+#else
+    clockid_t id = CLOCK_MONOTONIC;
+#endif
+    if (clock_gettime(id, &t) != 0)
+        return 1;
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec >= h->next_tick_ns;
+}
+
+/* The first non-empty bin in [lo, hi] (bin indexes), or -1. */
+static inline long lcache_find(const gh_mheap *h, uintptr_t lo, uintptr_t hi)
+{
+    uintptr_t w = lo / 64;
+    uint64_t bits = h->lcache_mask[w] & (~0ULL << (lo % 64));
+    for (;;) {
+        if (bits != 0) {
+            uintptr_t b = w * 64 + (uintptr_t)__builtin_ctzll(bits);
+            return b <= hi ? (long)b : -1;
+        }
+        if (++w >= GH_LCACHE_MASK_WORDS || w * 64 > hi)
+            return -1;
+        bits = h->lcache_mask[w];
+    }
+}
+
+/* A large object of size bytes (> GH_MAX_SMALL_SIZE) from the cache, laid
+ * out as Python's _malloc_large lays one out: the whole span is the object.
+ * A span up to 1/8 longer than asked for is taken too: a miss costs a trip
+ * through Python's page heap, and the usable size says what was given.
+ * Returns 0 on a miss. */
+static uintptr_t lcache_alloc(gh_mheap *h, uintptr_t size, int zero)
+{
+    uintptr_t npages, hi, nbytes;
+    long b;
+    gh_mspan *s;
+
+    if (h->lcache_nspans == 0 || size > (GH_LCACHE_MAX_PAGES << GH_PAGE_SHIFT) || tick_due(h))
+        return 0;
+    npages = (size + GH_PAGE_MASK) >> GH_PAGE_SHIFT;
+    hi = npages + (npages >> 3);
+    if (hi > GH_LCACHE_MAX_PAGES)
+        hi = GH_LCACHE_MAX_PAGES;
+    b = lcache_find(h, npages - GH_LCACHE_MIN_PAGES, hi - GH_LCACHE_MIN_PAGES);
+    if (b < 0)
+        return 0;
+    s = lcache_pop(h, (uintptr_t)b);
+    nbytes = s->npages << GH_PAGE_SHIFT;
+    s->state = GH_MSPAN_IN_USE;
+    s->ref = 1;
+    s->elemsize = nbytes;
+    s->base = s->start;
+    s->limit = s->start + nbytes;
+    s->needzero = 1;
+    bitmap_set(h, s->start, GH_BIT_ALLOCATED, GH_BIT_BOUNDARY);
+    h->nlargealloc++;
+    h->largealloc += nbytes;
+    if (zero) /* a cached span was used: dirty (fresh memory never gets here) */
+        memset((void *)s->start, 0, nbytes);
+    return s->start;
+}
+
+/* free(v) of the live large object of span s into the cache: 1 if taken,
+ * 0 if Python must free it (no cache, an efence or odd-shaped object, a size
+ * outside the bins, or the cache at its cap). */
+static int lcache_put(gh_mheap *h, gh_mspan *s, uintptr_t v)
+{
+    uintptr_t nbytes = s->npages << GH_PAGE_SHIFT;
+    if (h->lcache_limit == 0 || v != s->start || s->elemsize != nbytes || s->ref != 1 ||
+        s->npages < GH_LCACHE_MIN_PAGES || s->npages > GH_LCACHE_MAX_PAGES ||
+        h->lcache_bytes + nbytes > h->lcache_limit || tick_due(h))
+        return 0;
+    bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
+    s->ref = 0;
+    s->state = GH_MSPAN_CACHED;
+    lcache_push(h, s);
+    h->nlargefree++;
+    h->largefree += nbytes;
+    return 1;
+}
+
+static uintptr_t large_alloc(gh_mheap *h, uintptr_t size, int zero)
+{
+    uintptr_t v;
+    if (!heap_lock_open(h))
+        return (uintptr_t)-GH_EARG;
+    v = h->frozen ? 0 : lcache_alloc(h, size, zero);
+    heap_unlock(h);
+    return v != 0 ? v : (uintptr_t)-GH_MISS;
+}
+
+/* Python's large paths count here, under the lock a C caller counts under. */
+int gh_large_account(gh_mheap *h, uint64_t nalloc, uint64_t alloc_bytes, uint64_t nfree,
+                     uint64_t free_bytes)
+{
+    if (h == NULL || !heap_lock_open(h))
+        return GH_EARG;
+    h->nlargealloc += nalloc;
+    h->largealloc += alloc_bytes;
+    h->nlargefree += nfree;
+    h->largefree += free_bytes;
+    heap_unlock(h);
+    return GH_OK;
+}
+
+/* Every cached span's struct address into out[0..max), checking the cache's
+ * invariants in C memory on the way: GH_ECORRUPT at the first broken one. */
+int gh_lcache_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
+{
+    uintptr_t b, k = 0, bytes = 0;
+    int st = GH_OK;
+    if (h == NULL || out == NULL || n == NULL || !heap_lock_open(h))
+        return GH_EARG;
+    for (b = 0; b < GH_LCACHE_BINS && st == GH_OK; b++) {
+        const gh_mspan *s = h->lcache[b];
+        if ((s != NULL) != ((h->lcache_mask[b / 64] >> (b % 64)) & 1))
+            st = GH_ECORRUPT;
+        for (; s != NULL && st == GH_OK; s = s->next) {
+            uint64_t bits;
+            if (k == max || s->state != GH_MSPAN_CACHED || s->sizeclass != 0 || s->ref != 0 ||
+                s->npages != b + GH_LCACHE_MIN_PAGES || s->start < h->arena_start ||
+                s->start + (s->npages << GH_PAGE_SHIFT) > h->arena_used) {
+                st = GH_ECORRUPT;
+                break;
+            }
+            bits = bitmap_bits(h, s->start);
+            if ((bits & GH_BIT_ALLOCATED) || !(bits & GH_BIT_BOUNDARY)) {
+                st = GH_ECORRUPT;
+                break;
+            }
+            out[k++] = (uintptr_t)s;
+            bytes += s->npages << GH_PAGE_SHIFT;
+        }
+    }
+    if (st == GH_OK && (k != h->lcache_nspans || bytes != h->lcache_bytes ||
+                        bytes > h->lcache_limit))
+        st = GH_ECORRUPT;
+    *n = k;
+    heap_unlock(h);
+    return st;
+}
+
+/* Take up to max cached spans out of the cache for Python to free into the
+ * page heap: each comes back IN_USE with ref 0 and no bitmap bits, as a
+ * large span stands just before MHeap frees it.  *n says how many. */
+int gh_lcache_flush(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
+{
+    uintptr_t b, k = 0;
+    if (h == NULL || out == NULL || n == NULL || !heap_lock_open(h))
+        return GH_EARG;
+    for (b = 0; b < GH_LCACHE_BINS && k < max; b++) {
+        while (h->lcache[b] != NULL && k < max) {
+            gh_mspan *s = lcache_pop(h, b);
+            bitmap_set(h, s->start, 0, GH_BIT_BOUNDARY);
+            s->state = GH_MSPAN_IN_USE;
+            out[k++] = (uintptr_t)s;
+        }
+    }
+    *n = k;
+    heap_unlock(h);
+    return GH_OK;
+}
+
 /* malloc of a zeroed small object: an address, or a status < 4096 (-GH_*). */
 uintptr_t gh_mcache_alloc(gh_mheap *h, uintptr_t size)
 {
@@ -718,6 +922,19 @@ uintptr_t gh_mcache_alloc(gh_mheap *h, uintptr_t size)
 uintptr_t gh_mcache_alloc_nozero(gh_mheap *h, uintptr_t size)
 {
     return mcache_alloc(h, size, 0);
+}
+
+/* Why v, whose allocated bit is clear, cannot be freed: a boundary bit marks
+ * a freed object's start (GH_EDOUBLE), except the tail mark a small span
+ * carries at its limit (the leftover past its last object), which was never
+ * an object (GH_EINVALID), as is anything without bits.  s: v's span or NULL. */
+static inline int not_live_status(const gh_mspan *s, uintptr_t v, uint64_t bits)
+{
+    if (!(bits & GH_BIT_BOUNDARY))
+        return GH_EINVALID;
+    if (s != NULL && s->sizeclass != 0 && v >= s->limit)
+        return GH_EINVALID;
+    return GH_EDOUBLE;
 }
 
 /* free(v).  Returns 0, a GH_E* status (< 0, nothing changed), or
@@ -740,18 +957,19 @@ int gh_mcache_free(gh_mheap *h, uintptr_t v)
         return GH_EBUSY;
     }
     bits = bitmap_bits(h, v);
+    s = *spans_slot(h, v);
     if (!(bits & GH_BIT_ALLOCATED)) {
         heap_unlock(h);
-        return (bits & GH_BIT_BOUNDARY) ? GH_EDOUBLE : GH_EINVALID;
+        return not_live_status(s, v, bits);
     }
-    s = *spans_slot(h, v);
     if (s == NULL || s->state != GH_MSPAN_IN_USE || s->ref == 0) {
         heap_unlock(h);
         return GH_ECORRUPT;
     }
     if (s->sizeclass == 0) {
+        int cached = lcache_put(h, s, v);
         heap_unlock(h);
-        return GH_FREED_LARGE;
+        return cached ? GH_OK : GH_FREED_LARGE;
     }
     bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
     ((uintptr_t *)v)[0] = s->freelist;
@@ -785,8 +1003,10 @@ int gh_large_free(gh_mheap *h, uintptr_t v)
     bits = bitmap_bits(h, v);
     s = *spans_slot(h, v);
     if (!(bits & GH_BIT_ALLOCATED))
-        st = (bits & GH_BIT_BOUNDARY) ? GH_EDOUBLE : GH_EINVALID;
-    else if (s == NULL || s->state != GH_MSPAN_IN_USE || s->sizeclass != 0 || s->ref != 1)
+        st = not_live_status(s, v, bits);
+    else if (s != NULL && s->state == GH_MSPAN_IN_USE && s->sizeclass != 0)
+        st = GH_EINVALID; /* a small object now: the large one was freed and reused since */
+    else if (s == NULL || s->state != GH_MSPAN_IN_USE || s->ref != 1)
         st = GH_ECORRUPT;
     else {
         bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);

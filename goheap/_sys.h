@@ -48,6 +48,19 @@
 #define GH_MSPAN_LIST_HEAD 2
 #define GH_MSPAN_DEAD      3
 #define GH_MSPAN_FAULTED   4   /* goheap: efence span whose object was freed and faulted */
+#define GH_MSPAN_CACHED    5   /* goheap: freed large span kept whole by the large cache */
+
+/* ---- the large-span cache ----------------------------------------------
+ * Freed large spans of GH_LCACHE_MIN_PAGES..GH_LCACHE_MAX_PAGES pages (the
+ * sizes NumPy buffers come in) are kept whole, binned by page count, so a
+ * large malloc/free round trip stays in C (jemalloc's large tcache bins).
+ * To MHeap a cached span is still allocated (heap_inuse); stats report it
+ * idle.  Python sets the cap and flushes the cache back to MHeap before
+ * growing, when scavenging and at check() time it lists it. */
+#define GH_LCACHE_MIN_PAGES 5    /* ceil((32 KiB + 1) / 8 KiB): the smallest large object */
+#define GH_LCACHE_MAX_PAGES 512  /* 4 MiB */
+#define GH_LCACHE_BINS (GH_LCACHE_MAX_PAGES - GH_LCACHE_MIN_PAGES + 1)
+#define GH_LCACHE_MASK_WORDS ((GH_LCACHE_BINS + 63) / 64)
 
 /* ---- free-span event bits returned by gh_mcache_free -------------------- */
 #define GH_FREED_LARGE        4  /* a large/efence object: Python frees its span */
@@ -100,6 +113,23 @@ typedef struct gh_mheap {
     uint64_t  nfree[GH_NUM_SIZE_CLASSES];  /* small objects freed              */
     int32_t   lock;                        /* spinlock: each C call is atomic  */
     int32_t   frozen;                      /* check() runs: fast paths defer   */
+    /* Large objects (> 32 KiB, efence ones too): counts and bytes, kept here
+     * so that a cache hit counts without Python.  Python's paths add through
+     * gh_large_account. */
+    uint64_t  nlargealloc, nlargefree, largealloc, largefree;
+    /* The large cache.  Invariants (gh_lcache_list, Heap.check): every span
+     * on lcache[npages - MIN] is CACHED, sizeclass 0, ref 0, its object's
+     * start carries a boundary bit and no allocated bit (so a second free is
+     * a double free), every page maps to it; bit b of lcache_mask is set iff
+     * lcache[b] is not empty; lcache_bytes and lcache_nspans add them up and
+     * lcache_bytes <= lcache_limit (0: no cache, as in efence mode). */
+    gh_mspan *lcache[GH_LCACHE_BINS];
+    uint64_t  lcache_mask[GH_LCACHE_MASK_WORDS];
+    uint64_t  lcache_bytes;
+    uint64_t  lcache_nspans;
+    uint64_t  lcache_limit;
+    uint64_t  next_tick_ns;  /* Python's next scavenger tick (monotonic ns): the
+                              * large paths defer to Python once it has passed */
 } gh_mheap;
 
 
@@ -142,6 +172,10 @@ int gh_large_free(gh_mheap *h, uintptr_t v);                  /* 0, GH_EDOUBLE, 
 int gh_mheap_freeze(gh_mheap *h, int frozen);
 int gh_mheap_close(gh_mheap *h);                                 /* every later call: closed */
 int gh_memclr(uintptr_t v, uintptr_t n);
+int gh_large_account(gh_mheap *h, uint64_t nalloc, uint64_t alloc_bytes, uint64_t nfree,
+                     uint64_t free_bytes);
+int gh_lcache_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n);
+int gh_lcache_flush(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n);
 
 /* ---- fault reporter (efence diagnosis) ------------------------------------ */
 int gh_fault_reporter_install(void);  /* SIGSEGV/SIGBUS: print si_addr, then die */

@@ -80,6 +80,8 @@ def span_kind(s: SpanRow, efence: bool) -> str:
     _start, _npages, state, cl, _ref, _nelems, released = s
     if state == "FREE":
         return "free (released)" if released else "free"
+    if state == "CACHED":  # a freed large span C keeps whole: idle memory, free to the user
+        return "free"
     if state == "FAULTED":
         return "faulted"
     if cl:

@@ -204,10 +204,9 @@ class Heap:
         self._mcache = MCache(self._h, self._central)
         self._h.reclaim = self._reclaim
         self._efence = EFence(self._h, guard, align, quarantine) if efence else None
-        self._nlargealloc = 0
-        self._nlargefree = 0
-        self._largealloc = 0  # bytes ever allocated in large objects
-        self._largefree = 0
+        # Large objects are counted in C (gh_mheap.nlargealloc ...), where a
+        # hit in the large cache counts them without Python.
+        self._c.lcache_limit = 0 if efence else self._h.lcache_cap()
         self._bind_fast_paths()
         if trace or mtrace.enabled:
             mtrace.install(self)  # instance-level wrappers: the class methods stay untraced
@@ -314,8 +313,7 @@ class Heap:
                 raise OutOfMemory(f"malloc({n}): larger than the arena ({limit} bytes)")
             if self._efence is not None:
                 v, nbytes = self._efence.alloc(n, zero)
-                self._nlargealloc += 1
-                self._largealloc += nbytes
+                _native.large_account(self._c, 1, nbytes, 0, 0)
                 return v
             if n > MAX_SMALL_SIZE:
                 return self._malloc_large(n, zero)
@@ -351,8 +349,7 @@ class Heap:
         if zero and s.needzero:
             _native.memclr(s.start, s.nbytes)
         s.needzero = True
-        self._nlargealloc += 1
-        self._largealloc += s.nbytes
+        _native.large_account(self._c, 1, s.nbytes, 0, 0)
         return s.start
 
     def free(self, v: int) -> None:
@@ -421,8 +418,7 @@ class Heap:
                 else:
                     _native.bitmap_set(self._c, v, 0, _native.BIT_BOUNDARY)
                     h.free_span_locked(s)
-                self._nlargefree += 1
-                self._largefree += s.elemsize
+                _native.large_account(self._c, 0, 0, 1, s.elemsize)
                 return
             raise HeapCorruption(f"free({v:#x}): unknown status {st} from the fast path")
 
@@ -553,23 +549,27 @@ class Heap:
         nm, nf = _native.mcache_counts(self._c)
         small_alloc = sum((nm[c] - nf[c]) * class_to_size[c] for c in range(1, NUM_SIZE_CLASSES))
         small_total = sum(nm[c] * class_to_size[c] for c in range(1, NUM_SIZE_CLASSES))
-        heap_alloc = small_alloc + self._largealloc - self._largefree
-        mallocs = sum(nm) + self._nlargealloc
-        frees = sum(nf) + self._nlargefree
+        c = self._c
+        nlargealloc, nlargefree = int(c.nlargealloc), int(c.nlargefree)
+        largealloc, largefree = int(c.largealloc), int(c.largefree)
+        cached = int(c.lcache_bytes)  # freed large spans C keeps whole: idle, not in use
+        heap_alloc = small_alloc + largealloc - largefree
+        mallocs = sum(nm) + nlargealloc
+        frees = sum(nf) + nlargefree
         by_size = tuple(BySize(class_to_size[c], nm[c], nf[c]) for c in range(NUM_SIZE_CLASSES))
         mspan_sys = sum(n for _, n in h.spanalloc.chunks)
         gc_sys, other_sys = h.bitmap_mapped, h.spans_mapped + h.slack_sys
         ef = self._efence
         return MStats(
             alloc=heap_alloc,
-            total_alloc=small_total + self._largealloc,
+            total_alloc=small_total + largealloc,
             sys=h.heap_sys + mspan_sys + gc_sys + other_sys,
             mallocs=mallocs,
             frees=frees,
             heap_alloc=heap_alloc,
             heap_sys=h.heap_sys,
-            heap_idle=h.heap_idle,
-            heap_inuse=h.heap_inuse,
+            heap_idle=h.heap_idle + cached,
+            heap_inuse=h.heap_inuse - cached,
             heap_released=h.heap_released,
             heap_objects=mallocs - frees,
             mspan_inuse=h.spanalloc.inuse * h.spanalloc.size,
@@ -592,6 +592,7 @@ class Heap:
                 raise HeapClosed("scavenge on a closed heap")
             self._mcache.release_all()
             self._reclaim()
+            self._h.flush_lcache_locked()
             released = self._h.scavenge_locked(math.inf, 0.0)
             self._h.spanalloc.compact()
             return released
@@ -668,6 +669,10 @@ class Heap:
             live_small[cl] += self._central[cl].check(cached)
             small_spans.update(self._central[cl].spans)
         large_live = large_bytes = faulted = faulted_spans = free_starts = 0
+        in_lcache = _native.lcache_list(self._c)
+        if in_lcache is None:
+            raise HeapCorruption("the large cache's lists, mask or totals are broken")
+        lcached = set(in_lcache)
         for s in h.walk():
             if s.state == SpanState.IN_USE and s.sizeclass:
                 if s.addr not in small_spans:
@@ -684,6 +689,15 @@ class Heap:
             elif s.state == SpanState.FAULTED:
                 faulted += s.nbytes
                 faulted_spans += 1
+            elif s.state == SpanState.CACHED:
+                if s.addr not in lcached:
+                    raise HeapCorruption(f"cached span {s!r} is not in the large cache")
+                lcached.discard(s.addr)
+                free_starts += 1  # a freed large object's start: a boundary bit
+        if lcached:
+            raise HeapCorruption(
+                f"the large cache holds {len(lcached)} spans the arena walk did not find"
+            )
         nm, nf = _native.mcache_counts(self._c)
         for cl in range(1, NUM_SIZE_CLASSES):
             if nm[cl] - nf[cl] != live_small[cl]:
@@ -691,14 +705,14 @@ class Heap:
                     f"class {cl}: stats say {nm[cl] - nf[cl]} live objects, spans hold "
                     f"{live_small[cl]}"
                 )
-        if large_live != self._nlargealloc - self._nlargefree:
+        c = self._c
+        if large_live != c.nlargealloc - c.nlargefree:
             raise HeapCorruption(
-                f"large objects: stats say {self._nlargealloc - self._nlargefree}, "
-                f"spans hold {large_live}"
+                f"large objects: stats say {c.nlargealloc - c.nlargefree}, spans hold {large_live}"
             )
-        if large_bytes != self._largealloc - self._largefree:
+        if large_bytes != c.largealloc - c.largefree:
             raise HeapCorruption(
-                f"large bytes: stats say {self._largealloc - self._largefree}, spans {large_bytes}"
+                f"large bytes: stats say {c.largealloc - c.largefree}, spans {large_bytes}"
             )
         if h.arena_used > h.arena_start:
             nalloc, nbound = _native.bitmap_count(

@@ -56,6 +56,7 @@ HEAP_ALLOC_CHUNK = 1 << 20  # grow by at least this much
 GROW_ROUND_PAGES = 16  # ... in multiples of 128 KiB
 MAX_MEM = 128 << 30  # Go's MaxMem: the default 64-bit arena
 MAX_ARENA32 = 2 << 30  # what a 32-bit bitmap and spans table can describe
+LCACHE_CAP = 256 << 20  # at most this much freed large memory kept whole in C
 ARENA32_INITIAL = 512 << 20
 ARENA32_GROW = 256 << 20  # 32-bit growth reserves in these units
 SCAVENGE_AFTER = 300.0  # seconds a span stays free before it is released (Go: 5 min)
@@ -170,7 +171,7 @@ class MHeap:
         self.mode = mode
         self.spans_mapped = 0
         self.bitmap_mapped = 0
-        self.next_scavenge = self.clock() + self._scavenge_tick()
+        self._set_next_scavenge(self.clock() + self._scavenge_tick())
         if mode == "64bit" and self._mallocinit_64(arena_size or MAX_MEM):
             self.arena32 = False
         else:
@@ -470,6 +471,8 @@ class MHeap:
         s = self._find(npage)
         if s is None and self.reclaim is not None and self.reclaim():
             s = self._find(npage)  # Go's MHeap_Reclaim: empty small spans came back
+        if s is None and self.flush_lcache_locked():
+            s = self._find(npage)  # the large cache's spans, coalesced, before growing
         if s is None:
             self.grow(npage)
             # goheap: Go searched only freelarge again, missing a small grow.
@@ -624,12 +627,43 @@ class MHeap:
     def _scavenge_tick(self) -> float:
         return min(SCAVENGE_TICK, max(self.scavenge_after / 2, 0.001))
 
+    def _set_next_scavenge(self, t: float) -> None:
+        """The scavenger's next tick, told to C too: past it, C's large paths
+        defer to Python (a miss), so a workload that stays in C still gives idle
+        memory back on time.  C reads CLOCK_MONOTONIC, time.monotonic's clock;
+        under another clock (tests) it defers every time."""
+        self.next_scavenge = t
+        self.c.next_tick_ns = int(t * 1e9) if self.clock is time.monotonic else 0
+
+    def lcache_cap(self) -> int:
+        """Bytes of freed large spans C may keep whole (gh_mheap.lcache_limit):
+        enough for a working set of NumPy-sized buffers, small next to the arena.
+        Idle either way: the cache goes back to the page heap before it grows,
+        at every scavenger tick and on scavenge()."""
+        return min((self.arena_end - self.arena_start) // 4, LCACHE_CAP)
+
+    def flush_lcache_locked(self) -> int:
+        """Free every span of C's large cache into the page heap, where it
+        coalesces; the number of spans."""
+        n = 0
+        while True:
+            batch = _native.lcache_flush(self.c)
+            if not batch:
+                return n
+            for addr in batch:
+                s = self.span_of(addr)
+                if s is None:
+                    throw(f"the large cache held an unknown span struct {addr:#x}")
+                self.free_span_locked(s)
+            n += len(batch)
+
     def _maybe_scavenge(self) -> None:
         now = self.clock()
         if now >= self.next_scavenge:
-            self.next_scavenge = now + self._scavenge_tick()
+            self._set_next_scavenge(now + self._scavenge_tick())
             if self.reclaim is not None:
                 self.reclaim()
+            self.flush_lcache_locked()
             try:
                 self.scavenge_locked(now, self.scavenge_after)
             except (OSError, OutOfMemory):
@@ -745,7 +779,7 @@ class MHeap:
                 idle += s.nbytes
                 released += s.npreleased_bytes
                 nfree += 1
-            elif s.state in (SpanState.IN_USE, SpanState.FAULTED):
+            elif s.state in (SpanState.IN_USE, SpanState.FAULTED, SpanState.CACHED):
                 bad = _native.spans_mismatch(self.c, s.start, s.npages, s.handle())
                 if bad:
                     raise HeapCorruption(f"spans table: {bad} pages of in-use {s!r} map elsewhere")
