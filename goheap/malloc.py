@@ -505,6 +505,11 @@ class Heap:
                 s = h.lookup(addr) or next(
                     (t for t in h.free_spans() if t.start <= addr < t.end), s
                 )
+                if s is not None and s.state == SpanState.CACHED:
+                    return (
+                        f"{addr:#x} is in a freed large object [{s.start:#x}, {s.end:#x}) "
+                        "that the large cache keeps for reuse"
+                    )
                 if s is not None and s.state == SpanState.FREE:
                     rel = " (released to the OS)" if s.released else ""
                     return f"{addr:#x} is in free span [{s.start:#x}, {s.end:#x}){rel}"

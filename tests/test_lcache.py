@@ -1,0 +1,227 @@
+"""The large cache: freed large spans that C keeps whole, so a large malloc/free
+round trip never enters Python (issue 13).
+
+What it must be, beside fast: invisible to correctness.  A cached span is idle
+memory in stats(), a second free of its object is a DoubleFree, check() walks
+it in C memory and catches it broken, it goes back to the page heap before the
+heap grows, on the scavenger's tick and on scavenge(), and efence has none.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+from osview import resident
+
+import goheap
+from goheap import PAGE_SIZE, _native
+
+KiB, MiB = 1 << 10, 1 << 20
+LARGE_SIZES = [40 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB]
+
+
+@pytest.fixture
+def h():
+    with goheap.Heap(arena_size=1 << 30) as heap:
+        yield heap
+
+
+def goheap_python_calls(fn) -> int:
+    """How many Python functions of the goheap package run during fn()."""
+    calls = 0
+
+    def prof(frame, event, arg):
+        nonlocal calls
+        if event == "call" and "/goheap/" in frame.f_code.co_filename:
+            calls += 1
+
+    sys.setprofile(prof)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+@pytest.mark.parametrize("n", LARGE_SIZES, ids=lambda n: f"{n // KiB}k")
+def test_a_large_round_trip_stays_in_c_and_reuses_the_span(h, n):
+    p = h.malloc(n)
+    h.free(p)
+
+    def loop():
+        for _ in range(200):
+            q = h.malloc(n)
+            assert q == p
+            h.free(q)
+            h.free(h.malloc(n, zero=False))
+
+    assert goheap_python_calls(loop) == 0
+    st = h.stats()
+    assert st.mallocs == st.frees == 401
+    assert st.heap_alloc == 0 and st.heap_objects == 0
+    h.check()
+
+
+def test_cached_spans_are_idle_memory_not_in_use(h):
+    ps = [h.malloc(1 * MiB) for _ in range(8)]
+    inuse = h.stats().heap_inuse
+    for p in ps:
+        h.free(p)
+    st = h.stats()
+    assert h._c.lcache_bytes == 8 * MiB
+    assert st.heap_inuse == inuse - 8 * MiB
+    assert st.heap_idle >= 8 * MiB
+    assert st.heap_alloc == 0 and st.heap_sys == st.heap_idle + st.heap_inuse
+    h.check()
+
+
+def test_a_second_free_of_a_cached_object_is_a_double_free(h):
+    p = h.malloc(100 * KiB)
+    h.free(p)
+    with pytest.raises(goheap.DoubleFree):
+        h.free(p)
+    for bad in (p + 8, p + PAGE_SIZE):
+        with pytest.raises(goheap.InvalidFree):
+            h.free(bad)
+    assert h.lookup(p) is None
+    assert "cache" in h.explain(p + 100)
+    h.check()
+
+
+def test_zeroed_reuse_is_zero_and_a_close_fit_reports_its_size(h):
+    p = h.malloc(72 * KiB)  # 9 pages
+    h.view(p)[:] = b"\xee" * h.usable_size(p)
+    h.free(p)
+    q = h.malloc(64 * KiB + 1)  # 9 pages too
+    assert q == p and h.view(q).tobytes() == bytes(h.usable_size(q))
+    h.free(q)
+    r = h.malloc(64 * KiB)  # 8 pages: the 9-page span is within 1/8, usable_size says so
+    assert r == p and h.usable_size(r) == 72 * KiB
+    assert h.lookup(r + 70 * KiB) == (r, 72 * KiB)
+    h.free(r)
+    s = h.malloc(40 * KiB)  # 5 pages: too loose a fit, a span of its own
+    assert s != p and h.usable_size(s) == 40 * KiB
+    h.free(s)
+    h.check()
+
+
+def test_scavenge_empties_the_cache_and_gives_its_pages_back(h):
+    ps = [h.malloc(1 * MiB) for _ in range(16)]
+    for p in ps:
+        h.view(p)[:] = b"\x01" * MiB
+    assert all(resident(p, MiB) == MiB for p in ps)
+    for p in ps:
+        h.free(p)
+    assert h._c.lcache_nspans == 16
+    released = h.scavenge()
+    assert h._c.lcache_nspans == 0 and h._c.lcache_bytes == 0
+    assert released >= 16 * MiB
+    assert sum(resident(p, MiB) for p in ps) == 0
+    st = h.stats()
+    assert st.heap_released >= 16 * MiB
+    h.check()
+
+
+def test_the_cache_goes_back_to_the_page_heap_before_the_heap_grows():
+    with goheap.Heap(arena_size=64 * MiB) as h:
+        ps = [h.malloc(1 * MiB) for _ in range(12)]
+        for p in ps:
+            h.free(p)
+        used = h.arena_used
+        cached = h._c.lcache_nspans
+        assert cached >= 1
+        big = h.malloc(8 * MiB)  # fits only in the spans the cache held, coalesced
+        assert h.arena_used == used, "grew instead of taking the cached spans back"
+        assert h._c.lcache_nspans == 0
+        h.free(big)
+        h.check()
+
+
+def test_the_cache_stays_under_its_cap():
+    with goheap.Heap(arena_size=64 * MiB) as h:
+        cap = h._c.lcache_limit
+        assert 0 < cap < 64 * MiB
+        ps = [h.malloc(1 * MiB) for _ in range(40)]
+        for p in ps:
+            h.free(p)
+        assert h._c.lcache_bytes <= cap
+        assert h.stats().heap_objects == 0
+        h.check()
+
+
+def test_efence_heaps_have_no_large_cache():
+    with goheap.Heap(arena_size=256 * MiB, efence=True) as h:
+        assert h._c.lcache_limit == 0
+        p = h.malloc(100 * KiB)
+        h.free(p)
+        assert h._c.lcache_nspans == 0
+        with pytest.raises(goheap.DoubleFree):
+            h.free(p)
+        h.check()
+
+
+def test_check_catches_a_broken_cache_in_c_memory(h):
+    p = h.malloc(100 * KiB)
+    h.free(p)
+    s = h._h.span_of(_native.spans_get(h._c, p))
+    assert s.state == _native.MSPAN_CACHED
+    s.ref = 3  # as a stray write into the span struct would
+    with pytest.raises(goheap.HeapCorruption, match="large cache"):
+        h.check()
+    s.ref = 0
+    h.check()
+    _native.bitmap_set(h._c, p, 0, _native.BIT_BOUNDARY)  # the freed start forgotten
+    with pytest.raises(goheap.HeapCorruption):
+        h.check()
+    _native.bitmap_set(h._c, p, _native.BIT_BOUNDARY, 0)
+    h._c.lcache_bytes += PAGE_SIZE  # the total disagrees with the lists
+    with pytest.raises(goheap.HeapCorruption, match="large cache"):
+        h.check()
+    h._c.lcache_bytes -= PAGE_SIZE
+    h.check()
+
+
+def test_the_scavenger_tick_runs_though_every_call_stays_in_c():
+    with goheap.Heap(arena_size=256 * MiB, scavenge_after=0.05) as h:
+        p = h.malloc(2 * MiB)
+        q = h.malloc(64 * KiB)  # live: p's span never coalesces with what comes after
+        h.free(p)  # cached
+        deadline = h._h.next_scavenge + 0.2
+        while time.monotonic() < deadline:
+            h.free(h.malloc(2 * MiB))  # a cache hit, until the tick is due
+        # A tick gives the cache back to the page heap, where a span starts its
+        # idle time; the next tick releases what stayed idle long enough.
+        for _ in range(2):
+            time.sleep(0.12)
+            h.free(h.malloc(64 * KiB))
+        assert h.stats().heap_released >= 2 * MiB
+        h.free(q)
+        h.check()
+
+
+def test_threads_share_the_cache(h):
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            for i in range(2000):
+                n = LARGE_SIZES[(seed + i) % len(LARGE_SIZES)]
+                p = h.malloc(n, zero=bool(i & 1))
+                h.view(p, 8)[:] = seed.to_bytes(8, "little")
+                assert h.view(p, 8).tobytes() == seed.to_bytes(8, "little")
+                h.free(p)
+        except BaseException as e:
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    st = h.stats()
+    assert st.mallocs == st.frees == 8000
+    h.check()
