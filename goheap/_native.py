@@ -147,6 +147,12 @@ def write_word(v: int, x: int) -> None:
     ctypes.c_uint64.from_address(v).value = x
 
 
+def memmove(dst: int, src: int, n: int) -> None:
+    """Copy n bytes from src to dst (realloc); the caller owns both ranges."""
+    if n:
+        ctypes.memmove(dst, src, n)
+
+
 def memclr(v: int, n: int) -> None:
     ensure(lib.gh_memclr(v, n), "memclr", n, v)
 
@@ -296,6 +302,26 @@ def lcache_flush(h: Any, max_n: int = 1024) -> list[int]:
     n = ffi.new("uintptr_t *")
     ensure(lib.gh_lcache_flush(h, out, max_n, n), "lcache_flush")
     return [int(out[i]) for i in range(n[0])]
+
+
+def object_size(h: Any, v: int) -> tuple[int, int, int]:
+    """(status, usable size, size class) of the object starting at v: OK for a
+    live one, else what free(v) would say (EINVALID, EDOUBLE, ECORRUPT)."""
+    size = ffi.new("uintptr_t *")
+    cl = ffi.new("uint32_t *")
+    st = int(lib.gh_object_size(h, v, size, cl))
+    if st not in (OK, EINVALID, EDOUBLE, ECORRUPT):
+        ensure(st, "object_size", 0, v)
+    return st, int(size[0]), int(cl[0])
+
+
+def mheap_peak(h: Any, reset: bool = False) -> tuple[int, int]:
+    """(live bytes, their peak) as C counts them; reset: the peak restarts now
+    (the peak returned is the one it replaced)."""
+    live = ffi.new("uint64_t *")
+    peak = ffi.new("uint64_t *")
+    ensure(lib.gh_mheap_peak(h, int(reset), live, peak), "mheap_peak")
+    return int(live[0]), int(peak[0])
 
 
 def mheap_freeze(h: Any, frozen: bool) -> None:

@@ -35,7 +35,7 @@ typedef struct {
     PyObject_HEAD
     gh_mheap *h;           /* the heap's C half                               */
     PyObject *owner;       /* keeps h's memory alive                          */
-    PyObject *slow_malloc; /* weakref.WeakMethod of Heap._malloc_slow(size, zero, status) */
+    PyObject *slow_malloc; /* weakref.WeakMethod of Heap._malloc_slow(size, zero, status[, align]) */
     PyObject *slow_free;   /* weakref.WeakMethod of Heap._free_slow(v, status)           */
 } ghpy_fast;
 
@@ -59,17 +59,20 @@ static PyObject *call_slow(PyObject *weak, PyObject *const *args, Py_ssize_t n)
 }
 
 /* The status handed to the slow path: what gh_mcache_alloc returned, or 0
- * when the argument never reached C (not an exact int, or out of range). */
-static PyObject *to_slow_malloc(ghpy_fast *self, PyObject *size, PyObject *zero, uintptr_t status)
+ * when the argument never reached C (not an exact int, or out of range, or
+ * an alignment: which class or span serves it is Python's choice). */
+static PyObject *to_slow_malloc(ghpy_fast *self, PyObject *size, PyObject *zero, uintptr_t status,
+                                PyObject *align)
 {
-    PyObject *args[3], *st, *r;
+    PyObject *args[4], *st, *r;
     st = PyLong_FromUnsignedLongLong((unsigned long long)status);
     if (st == NULL)
         return NULL;
     args[0] = size;
     args[1] = zero;
     args[2] = st;
-    r = call_slow(self->slow_malloc, args, 3);
+    args[3] = align;
+    r = call_slow(self->slow_malloc, args, align != NULL ? 4 : 3);
     Py_DECREF(st);
     return r;
 }
@@ -79,6 +82,7 @@ static PyObject *fast_malloc(ghpy_fast *self, PyObject *const *args, Py_ssize_t 
 {
     PyObject *size = nargs > 0 ? args[0] : NULL;
     PyObject *zero = nargs > 1 ? args[1] : Py_True;
+    PyObject *align = NULL;
     Py_ssize_t i, nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
     unsigned long long n;
     uintptr_t v;
@@ -94,7 +98,11 @@ static PyObject *fast_malloc(ghpy_fast *self, PyObject *const *args, Py_ssize_t 
             slot = &size;
         else if (PyUnicode_CompareWithASCIIString(k, "zero") == 0)
             slot = &zero;
-        else {
+        else if (PyUnicode_CompareWithASCIIString(k, "align") == 0) {
+            if (args[nargs + i] != Py_None)
+                align = args[nargs + i]; /* keyword-only: never also positional */
+            continue;
+        } else {
             PyErr_Format(PyExc_TypeError, "malloc() got an unexpected keyword argument '%U'", k);
             return NULL;
         }
@@ -111,17 +119,17 @@ static PyObject *fast_malloc(ghpy_fast *self, PyObject *const *args, Py_ssize_t 
     z = PyObject_IsTrue(zero);
     if (z < 0)
         return NULL;
-    if (!PyLong_CheckExact(size))
-        return to_slow_malloc(self, size, z ? Py_True : Py_False, 0);
+    if (!PyLong_CheckExact(size) || align != NULL)
+        return to_slow_malloc(self, size, z ? Py_True : Py_False, 0, align);
     n = PyLong_AsUnsignedLongLong(size);
     if (n == (unsigned long long)-1 && PyErr_Occurred()) {
         PyErr_Clear(); /* negative or huge: the slow path names the error */
-        return to_slow_malloc(self, size, z ? Py_True : Py_False, 0);
+        return to_slow_malloc(self, size, z ? Py_True : Py_False, 0, NULL);
     }
     v = z ? gh_mcache_alloc(self->h, (uintptr_t)n) : gh_mcache_alloc_nozero(self->h, (uintptr_t)n);
     if (v >= 4096)
         return PyLong_FromUnsignedLongLong((unsigned long long)v);
-    return to_slow_malloc(self, size, z ? Py_True : Py_False, v);
+    return to_slow_malloc(self, size, z ? Py_True : Py_False, v, NULL);
 }
 
 static PyObject *fast_free(ghpy_fast *self, PyObject *const *args, Py_ssize_t nargs)
@@ -174,7 +182,7 @@ static void fast_dealloc(ghpy_fast *self)
 
 static PyMethodDef fast_methods[] = {
     {"malloc", (PyCFunction)(void (*)(void))fast_malloc, METH_FASTCALL | METH_KEYWORDS,
-     "malloc(size, zero=True) -> int: see goheap.Heap.malloc."},
+     "malloc(size, zero=True, *, align=None) -> int: see goheap.Heap.malloc."},
     {"free", (PyCFunction)(void (*)(void))fast_free, METH_FASTCALL,
      "free(v) -> None: see goheap.Heap.free."},
     {NULL, NULL, 0, NULL},

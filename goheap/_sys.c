@@ -663,6 +663,14 @@ int gh_mcentral_list(gh_mheap *h, uint32_t cl, uintptr_t *out, uintptr_t max, ui
 
 static uintptr_t large_alloc(gh_mheap *h, uintptr_t size, int zero); /* the large cache, below */
 
+/* Every path that hands out n bytes counts them here, under h->lock. */
+static inline void count_live(gh_mheap *h, uintptr_t n)
+{
+    h->live_bytes += n;
+    if (h->live_bytes > h->peak_bytes)
+        h->peak_bytes = h->live_bytes;
+}
+
 static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero)
 {
     gh_mspan *s;
@@ -706,6 +714,7 @@ static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero)
     s->freelist = next;
     s->ref++;
     h->nmalloc[cl]++;
+    count_live(h, s->elemsize);
     bitmap_set(h, v, GH_BIT_ALLOCATED, GH_BIT_BOUNDARY);
     /* Zeroed before the unlock, though the object is ours alone: once the
      * lock is free, gh_mheap_close may run and the arena be unmapped (by
@@ -807,6 +816,7 @@ static uintptr_t lcache_alloc(gh_mheap *h, uintptr_t size, int zero)
     bitmap_set(h, s->start, GH_BIT_ALLOCATED, GH_BIT_BOUNDARY);
     h->nlargealloc++;
     h->largealloc += nbytes;
+    count_live(h, nbytes);
     if (zero) /* a cached span was used: dirty (fresh memory never gets here) */
         memset((void *)s->start, 0, nbytes);
     return s->start;
@@ -828,6 +838,7 @@ static int lcache_put(gh_mheap *h, gh_mspan *s, uintptr_t v)
     lcache_push(h, s);
     h->nlargefree++;
     h->largefree += nbytes;
+    h->live_bytes -= nbytes;
     return 1;
 }
 
@@ -851,6 +862,8 @@ int gh_large_account(gh_mheap *h, uint64_t nalloc, uint64_t alloc_bytes, uint64_
     h->largealloc += alloc_bytes;
     h->nlargefree += nfree;
     h->largefree += free_bytes;
+    count_live(h, alloc_bytes);
+    h->live_bytes -= free_bytes;
     heap_unlock(h);
     return GH_OK;
 }
@@ -982,6 +995,7 @@ int gh_mcache_free(gh_mheap *h, uintptr_t v)
     s->freelist = v;
     s->ref--;
     h->nfree[s->sizeclass]++;
+    h->live_bytes -= s->elemsize;
     heap_unlock(h);
     return GH_OK;
 }
@@ -1014,6 +1028,52 @@ int gh_large_free(gh_mheap *h, uintptr_t v)
     }
     heap_unlock(h);
     return st;
+}
+
+/* What free(v) would say, without freeing: GH_OK with the usable size and
+ * size class (0: a large or efence object) of the live object starting at v,
+ * else free's verdict (GH_EINVALID, GH_EDOUBLE, GH_ECORRUPT).  realloc's
+ * first step; whether the object stays where it is, Python decides. */
+int gh_object_size(gh_mheap *h, uintptr_t v, uintptr_t *size, uint32_t *sizeclass)
+{
+    gh_mspan *s;
+    uint64_t bits;
+    int st = GH_OK;
+    if (h == NULL || size == NULL || sizeclass == NULL || h->arena_start == 0)
+        return GH_EARG;
+    if (v < h->arena_start || v >= h->arena_used || v % GH_PTR_SIZE != 0)
+        return GH_EINVALID;
+    if (!heap_lock_open(h))
+        return GH_EARG;
+    bits = bitmap_bits(h, v);
+    s = *spans_slot(h, v);
+    if (!(bits & GH_BIT_ALLOCATED))
+        st = not_live_status(s, v, bits);
+    else if (s == NULL || s->state != GH_MSPAN_IN_USE || s->ref == 0 ||
+             (s->sizeclass == 0 && v != s->base))
+        st = GH_ECORRUPT;
+    else {
+        *size = s->elemsize;
+        *sizeclass = s->sizeclass;
+    }
+    heap_unlock(h);
+    return st;
+}
+
+/* live_bytes and peak_bytes read together; with reset != 0 the peak
+ * restarts from what is live now (Heap.reset_peak) and *peak is the one it
+ * replaced, so no malloc in between is lost to the caller. */
+int gh_mheap_peak(gh_mheap *h, int reset, uint64_t *live, uint64_t *peak)
+{
+    if (h == NULL || live == NULL || peak == NULL)
+        return GH_EARG;
+    heap_lock(h);
+    *live = h->live_bytes;
+    *peak = h->peak_bytes;
+    if (reset)
+        h->peak_bytes = h->live_bytes;
+    heap_unlock(h);
+    return GH_OK;
 }
 
 /* Freeze (1) or thaw (0) the fast paths: while frozen, alloc reports a miss

@@ -130,6 +130,11 @@ typedef struct gh_mheap {
     uint64_t  lcache_limit;
     uint64_t  next_tick_ns;  /* Python's next scavenger tick (monotonic ns): the
                               * large paths defer to Python once it has passed */
+    /* heap_alloc kept as one figure beside the class counts it equals, so
+     * that its high-water mark costs the fast path an add and a compare:
+     * a peak derived from the counts would be known only at stats() time. */
+    uint64_t  live_bytes;
+    uint64_t  peak_bytes;    /* max of live_bytes since creation or reset */
 } gh_mheap;
 
 
@@ -176,6 +181,8 @@ int gh_large_account(gh_mheap *h, uint64_t nalloc, uint64_t alloc_bytes, uint64_
                      uint64_t free_bytes);
 int gh_lcache_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n);
 int gh_lcache_flush(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n);
+int gh_object_size(gh_mheap *h, uintptr_t v, uintptr_t *size, uint32_t *sizeclass);
+int gh_mheap_peak(gh_mheap *h, int reset, uint64_t *live, uint64_t *peak);
 
 /* ---- fault reporter (efence diagnosis) ------------------------------------ */
 int gh_fault_reporter_install(void);  /* SIGSEGV/SIGBUS: print si_addr, then die */

@@ -27,9 +27,13 @@ Lifetime, the invariants this module owns:
 from __future__ import annotations
 
 import math
-from typing import Any, NoReturn
+import operator
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from goheap import _native
+
+if TYPE_CHECKING:
+    import numpy as np
 
 BlockBase: Any = _native.block_base()
 
@@ -139,10 +143,11 @@ class Block(BlockBase):  # a C type: mypy sees Any
     __reduce_ex__ = __reduce__ = __copy__ = __deepcopy__ = _refuse_copy
 
 
-def new_block(heap: Any, size: int) -> Block:
-    """``Heap.alloc``'s body: malloc ``size`` zeroed bytes and wrap them."""
+def new_block(heap: Any, size: int, zero: bool = True, align: int | None = None) -> Block:
+    """``Heap.alloc``'s body: malloc ``size`` bytes (zeroed unless ``zero`` is
+    False, aligned as ``malloc`` aligns) and wrap them."""
     owner = heap._owner()  # first: a close() after the malloc cannot unmap under us
-    v = heap.malloc(size)
+    v = heap.malloc(size, zero) if align is None else heap.malloc(size, zero, align=align)
     try:
         return _native.block_new(Block, heap, owner, v, size)
     except BaseException:
@@ -150,9 +155,30 @@ def new_block(heap: Any, size: int) -> Block:
         raise
 
 
-def new_ndarray(heap: Any, shape: int | tuple[int, ...], dtype: Any) -> Any:
-    """``Heap.ndarray``'s body: a zeroed NumPy array on one goheap object, which
-    lives as long as the array (and any view of it) does."""
+def _shape(shape: Any) -> tuple[int, ...]:
+    """``shape`` as np.empty reads it: an integer (int, numpy.int64 ...), or an
+    iterable of them."""
+    try:
+        return (operator.index(shape),)
+    except TypeError:
+        pass
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(
+            f"shape must be an integer or a sequence of integers, not {type(shape).__name__}"
+        ) from None
+    try:
+        return tuple(operator.index(d) for d in dims)
+    except TypeError:
+        raise TypeError(f"shape {shape!r}: every dimension must be an integer") from None
+
+
+def new_ndarray(
+    heap: Any, shape: Any, dtype: Any, order: str = "C", zero: bool = True
+) -> np.ndarray[Any, Any]:
+    """``Heap.ndarray``'s body: a NumPy array on one goheap object, which lives
+    as long as the array (and any view of it) does."""
     try:
         import numpy as np
     except ImportError as e:  # NumPy is optional for goheap, required here
@@ -160,9 +186,14 @@ def new_ndarray(heap: Any, shape: int | tuple[int, ...], dtype: Any) -> Any:
             "goheap.Heap.ndarray needs NumPy, which is not installed: pip install numpy"
         ) from e
     dt = np.dtype(dtype)
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    count = math.prod(shape)
-    if count < 0 or any(d < 0 for d in shape):
-        raise ValueError(f"negative dimensions are not allowed: {shape}")
-    b = new_block(heap, count * dt.itemsize)
-    return np.frombuffer(b, dtype=dt, count=count).reshape(shape)
+    dims = _shape(shape)
+    if order not in ("C", "F"):
+        raise ValueError(f"order must be 'C' or 'F', not {order!r}")
+    if any(d < 0 for d in dims):
+        raise ValueError(f"negative dimensions are not allowed: {dims}")
+    count = math.prod(dims)
+    b = new_block(heap, count * dt.itemsize, zero)
+    # frombuffer cannot cut an itemsize-0 dtype; reshape keeps the view (and
+    # so the Block) as the array's base.
+    flat = np.frombuffer(b, dtype=dt, count=count) if dt.itemsize else np.empty(count, dt)
+    return flat.reshape(dims, order="F" if order == "F" else "C")

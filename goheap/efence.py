@@ -112,10 +112,14 @@ class EFence:
 
     # ---- alloc ------------------------------------------------------------------
 
-    def alloc(self, n: int, zero: bool) -> tuple[int, int]:
-        """A fresh span for one object of n bytes: (address, usable size)."""
+    def alloc(self, n: int, zero: bool, align: int = 1) -> tuple[int, int]:
+        """A fresh span for one object of n bytes: (address, usable size).
+        ``align`` (``malloc(align=)``, a power of two up to the unit) raises the
+        object's alignment above the heap's ``align``: the usable size is
+        rounded up to it, so with guard="after" the object still ends at its
+        guard, and an overrun shorter than that rounding is not caught."""
         h, unit = self.h, self.unit
-        usable = round_up(max(n, 1), self.align)
+        usable = round_up(max(n, 1), max(self.align, align))
         data = round_up(usable, unit)
         span_bytes = data + (unit if self.guard != "none" else 0)
         try:

@@ -55,7 +55,7 @@ import operator
 import os
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from goheap import _native, debug, mtrace
 from goheap.block import Block, new_block, new_ndarray
@@ -78,6 +78,9 @@ from goheap.sizeclasses import (
     size_to_class128,
 )
 
+if TYPE_CHECKING:
+    import numpy as np
+
 __all__ = ["MAX_ARENA32", "TRACEMALLOC_DOMAIN", "Block", "Heap", "enable_tracemalloc"]
 
 TRACEMALLOC_DOMAIN = mtrace.TRACEMALLOC_DOMAIN
@@ -95,6 +98,43 @@ _EINVALID = _native.EINVALID
 _EARG = _native.EARG
 
 _live_heaps: weakref.WeakSet[Heap] = weakref.WeakSet()
+
+# malloc(align=): the largest alignment asked of a large span.  Aligning
+# over-allocates align - 8 KiB of pages and gives the rest back, so beyond
+# this the request is more likely a mistake than a need.
+MAX_ALIGN = 1 << 30
+
+
+def _aligned_classes(align: int) -> tuple[int, ...]:
+    """Per size class, the first class at or above it whose size is a
+    multiple of align (0: none).  Such a class serves malloc(align=) on the
+    fast path: span starts are heap-page aligned and its objects sit at
+    multiples of its size, so each one starts on a multiple of align."""
+    out, nxt = [0] * NUM_SIZE_CLASSES, 0
+    for cl in range(NUM_SIZE_CLASSES - 1, 0, -1):
+        if class_to_size[cl] % align == 0:
+            nxt = cl
+        out[cl] = nxt
+    return tuple(out)
+
+
+_ALIGNED_CLASS = {1 << k: _aligned_classes(1 << k) for k in range(4, PAGE_SIZE.bit_length())}
+
+
+def _check_align(align: object) -> int:
+    if isinstance(align, bool):  # align=True reads as "aligned", which it does not mean
+        raise TypeError("align must be an int, not bool")
+    if not isinstance(align, int):
+        try:
+            align = align.__index__()  # type: ignore[attr-defined]
+        except AttributeError:
+            raise TypeError(f"align must be an int, not {type(align).__name__}") from None
+    assert isinstance(align, int)
+    if align <= 0 or align & (align - 1):
+        raise ValueError(f"align must be a power of two, not {align}")
+    if align > MAX_ALIGN:
+        raise ValueError(f"align {align}: at most {MAX_ALIGN} (1 GiB)")
+    return align
 
 
 def _after_fork_in_child() -> None:
@@ -233,6 +273,9 @@ class Heap:
         malloc, free = _native.fast_methods(
             self._c, weakref.WeakMethod(self._malloc_slow), weakref.WeakMethod(self._free_slow)
         )
+        # For malloc(align=) and realloc: the untraced entry points, so that
+        # mtrace's wrappers count each object once.
+        self._malloc_fast, self._free_fast = malloc, free
         if debug.level >= 3:
             malloc, free = self._checked(malloc), self._checked(free)
         self.malloc, self.free = malloc, free  # type: ignore[method-assign]
@@ -274,11 +317,23 @@ class Heap:
 
     # ---- malloc / free -------------------------------------------------------------------
 
-    def malloc(self, size: int, zero: bool = True) -> int:
+    def malloc(self, size: int, zero: bool = True, *, align: int | None = None) -> int:
         """Allocate ``size`` bytes; return the address (an int).  8-byte aligned,
         16 for sizes >= 16, 8 KiB for large objects.  ``malloc(0)`` returns a
         distinct address that must be freed like any other.  Raises TypeError
-        (not an int), ValueError (negative), OutOfMemory, HeapClosed."""
+        (not an int), ValueError (negative), OutOfMemory, HeapClosed.
+
+        ``align``: a power of two up to MAX_ALIGN (1 GiB) the address must be a
+        multiple of.  Up to the heap page (8 KiB) a small object comes from
+        the first size class whose size is a multiple of ``align``, so
+        ``usable_size`` may exceed the next class up (``malloc(48, align=64)``
+        is a 64-byte object); beyond it the object gets a span of its own
+        aligned as asked.  In efence mode ``align`` may reach the efence unit
+        (the OS page, at least 8 KiB) and rounds the usable size up to it; it
+        is unrelated to ``Heap(efence=True, align=N)``, the heap-wide rounding
+        that right-aligns every efence object against its guard."""
+        if align is not None:
+            return self._malloc_slow(size, zero, 0, align)
         try:
             v = (_mcache_alloc if zero else _mcache_alloc_nozero)(self._c, size)
         except (OverflowError, TypeError):
@@ -298,10 +353,16 @@ class Heap:
             raise ValueError(f"malloc size must be >= 0, not {size}")
         return size
 
-    def _malloc_slow(self, size: object, zero: bool, status: int) -> int:
+    def _malloc_slow(self, size: object, zero: bool, status: int, align: object = None) -> int:
         if self._checker == threading.get_ident():
-            return int(self._during_check(lambda: self.malloc(size, zero)))  # type: ignore[arg-type]
+            again = lambda: self.malloc(size, zero, align=align)  # type: ignore[arg-type]  # noqa: E731
+            return int(self._during_check(again))
         n = self._check_size(size)
+        a = 1 if align is None else _check_align(align)
+        if 8 < a <= PAGE_SIZE and self._efence is None:
+            if n <= MAX_SMALL_SIZE:
+                n = class_to_size[_ALIGNED_CLASS[a][size_to_class(n)]]
+            return int(self._malloc_fast(n, zero))  # large spans start on a heap page
         with self._lock:
             if self._closed:
                 raise HeapClosed("malloc on a closed heap")
@@ -309,14 +370,20 @@ class Heap:
             # current reservation is not the limit there (issue 8: a 3 MiB malloc
             # on a 2 MiB initial 32-bit arena was refused without trying).
             limit = MAX_ARENA32 if self._h.arena32 else self._h.arena_end - self._h.arena_start
-            if n > limit or n >= 1 << 62:
+            slack = a - PAGE_SIZE if a > PAGE_SIZE else 0  # alloc_span_aligned_locked's
+            if n + slack > limit or n >= 1 << 62:
                 raise OutOfMemory(f"malloc({n}): larger than the arena ({limit} bytes)")
             if self._efence is not None:
-                v, nbytes = self._efence.alloc(n, zero)
+                if a > self._efence.unit:
+                    raise ValueError(
+                        f"align {a}: efence objects align to at most the efence unit "
+                        f"({self._efence.unit} bytes)"
+                    )
+                v, nbytes = self._efence.alloc(n, zero, a)
                 _native.large_account(self._c, 1, nbytes, 0, 0)
                 return v
-            if n > MAX_SMALL_SIZE:
-                return self._malloc_large(n, zero)
+            if n > MAX_SMALL_SIZE or a > PAGE_SIZE:
+                return self._malloc_large(n, zero, a)
             if status == _CORRUPT:
                 self._raise_corrupt(n)
             cl = size_to_class(n)
@@ -339,10 +406,10 @@ class Heap:
             "(a write into freed memory?); the object was not handed out"
         )
 
-    def _malloc_large(self, n: int, zero: bool) -> int:
+    def _malloc_large(self, n: int, zero: bool, align: int = PAGE_SIZE) -> int:
         h = self._h
         npages = max(1, math.ceil(n / PAGE_SIZE))
-        s = h.alloc_span_locked(npages)
+        s = h.alloc_span_aligned_locked(npages, align)
         s.elemsize = s.nbytes
         s.ref = 1
         _native.bitmap_set(self._c, s.start, _native.BIT_ALLOCATED, _native.BIT_BOUNDARY)
@@ -422,13 +489,57 @@ class Heap:
                 return
             raise HeapCorruption(f"free({v:#x}): unknown status {st} from the fast path")
 
+    def realloc(self, v: int, size: int) -> int:
+        """Resize the object at v to ``size`` bytes; return its address, v or a
+        new one.  The first min(usable size, size) bytes are kept and any bytes
+        past the old usable size read as zero.  It stays where it is when
+        ``size`` is of its size class, or, for a large object, when its span
+        holds ``size`` and ``size`` needs more than half of it (a larger waste
+        is given back by moving); else it moves (malloc, copy, free).  A moved
+        object has malloc's default alignment.  An efence object always moves,
+        and the old one is faulted as a free would.  InvalidFree or DoubleFree
+        for an address ``free`` would refuse, TypeError, ValueError or
+        OutOfMemory for a bad size: nothing changes then."""
+        n = self._check_size(size)
+        a = _address(v)
+        if self._closed:
+            raise HeapClosed("realloc on a closed heap")
+        if a is None:
+            raise InvalidFree(f"realloc({v:#x}): not the start of a live object")
+        st, old, cl = _native.object_size(self._c, a)
+        if st == _EINVALID and self._efence is not None and a & 7:
+            with self._lock:  # efence align < 8: objects C cannot see (efence.py)
+                s = self._h.lookup(a)
+                if s is not None and s.sizeclass == 0 and s.base == a:
+                    st = _EDOUBLE if s.state == SpanState.FAULTED else 0
+                    old, cl = s.elemsize, 0
+        if st == _EDOUBLE:
+            raise DoubleFree(f"realloc({a:#x}): the object was freed")
+        if st == _EINVALID:
+            raise InvalidFree(f"realloc({a:#x}): not the start of a live object")
+        if st != 0:
+            raise HeapCorruption(f"realloc({a:#x}): the heap's metadata disagrees (status {st})")
+        if self._efence is None:
+            if cl and n <= MAX_SMALL_SIZE and size_to_class(n) == cl:
+                return a
+            if not cl and n <= old and 2 * math.ceil(n / PAGE_SIZE) > old // PAGE_SIZE:
+                return a
+        w = int(self._malloc_fast(n))
+        _native.memmove(w, a, min(old, n))
+        try:
+            self._free_fast(a)
+        except BaseException:
+            self._free_fast(w)
+            raise
+        return w
+
     # ---- Python-facing objects (block.py) ------------------------------------------------
 
-    def alloc(self, size: int) -> Block:
+    def alloc(self, size: int, *, align: int | None = None) -> Block:
         """A Block owning a new zeroed object of ``size`` bytes: a buffer
         (memoryview, bytes, NumPy) freed by ``Block.free()``, ``with``, or when
-        the Block is garbage collected."""
-        return new_block(self, size)
+        the Block is garbage collected.  ``align`` as for ``malloc``."""
+        return new_block(self, size, align=align)
 
     def _owner(self) -> Any:
         """For exports (block.py, view()): the arena owner, which keeps the
@@ -438,10 +549,14 @@ class Heap:
             raise HeapClosed("the heap is closed")
         return owner
 
-    def ndarray(self, shape: int | tuple[int, ...], dtype: Any = float) -> Any:
-        """A zeroed NumPy array of ``shape`` and ``dtype`` on one goheap object,
-        freed when the array and every view of it are gone.  Needs NumPy."""
-        return new_ndarray(self, shape, dtype)
+    def ndarray(
+        self, shape: Any, dtype: Any = float, *, order: str = "C", zero: bool = True
+    ) -> np.ndarray[Any, Any]:
+        """A NumPy array of ``shape`` and ``dtype`` on one goheap object, freed
+        when the array and every view of it are gone; zeroed unless
+        ``zero=False`` (then it is ``np.empty``).  ``shape`` and ``order``
+        ("C" or "F") as ``np.empty`` takes them.  Needs NumPy."""
+        return new_ndarray(self, shape, dtype, order=order, zero=zero)
 
     # ---- queries -----------------------------------------------------------------------
 
@@ -559,6 +674,9 @@ class Heap:
         largealloc, largefree = int(c.largealloc), int(c.largefree)
         cached = int(c.lcache_bytes)  # freed large spans C keeps whole: idle, not in use
         heap_alloc = small_alloc + largealloc - largefree
+        # Read after the counts: the peak only grows between resets, which
+        # take the lock this caller holds, so it is never below heap_alloc.
+        _, peak = _native.mheap_peak(c)
         mallocs = sum(nm) + nlargealloc
         frees = sum(nf) + nlargefree
         by_size = tuple(BySize(class_to_size[c], nm[c], nf[c]) for c in range(NUM_SIZE_CLASSES))
@@ -585,7 +703,16 @@ class Heap:
             efence_faulted=ef.faulted_bytes if ef else 0,
             efence_deleted=ef.deleted if ef else 0,
             os_page_size=h.os_page_size,
+            peak_alloc=peak,
         )
+
+    def reset_peak(self) -> int:
+        """Start ``stats().peak_alloc`` over from the bytes live now (as
+        ``tracemalloc.reset_peak``); return the peak it replaced."""
+        with self._lock:
+            if self._closed:
+                raise HeapClosed("reset_peak on a closed heap")
+            return _native.mheap_peak(self._c, reset=True)[1]
 
     # ---- scavenging, checking, closing --------------------------------------------------
 
@@ -736,7 +863,11 @@ class Heap:
                 )
         if self._efence is not None:
             self._efence.check(faulted)
-        errs = self._stats_locked().identity_errors()
+        st = self._stats_locked()
+        errs = st.identity_errors()
+        live = _native.mheap_peak(c)[0]
+        if live != st.heap_alloc:
+            errs.append(f"C counts {live} live bytes, the class and large counts {st.heap_alloc}")
         if errs:
             raise HeapCorruption("MStats: " + "; ".join(errs))
 

@@ -7,7 +7,7 @@ Identities that hold in every snapshot (``Heap.check()`` verifies them):
   one span, free or in use;
 - ``sys == heap_sys + stacks_sys + mspan_sys + mcache_sys + buckhash_sys + gc_sys
   + other_sys``;
-- ``heap_released <= heap_idle``; ``heap_alloc == alloc``;
+- ``heap_released <= heap_idle``; ``heap_alloc == alloc <= peak_alloc``;
 - ``heap_objects == mallocs - frees``; for every class,
   ``by_size[c].mallocs >= by_size[c].frees``.
 
@@ -64,6 +64,10 @@ class MStats:
     efence_faulted: int = 0  # bytes of freed efence spans kept faulted
     efence_deleted: int = 0  # efence spans retired from the quarantine
     os_page_size: int = 0
+    # The high-water mark of heap_alloc since the heap was made or
+    # Heap.reset_peak() (pyarrow's max_memory; total_alloc is its
+    # total_bytes_allocated).  Exact: C counts live bytes on every path.
+    peak_alloc: int = 0
 
     SYS_PARTS = (
         "heap_sys",
@@ -90,6 +94,8 @@ class MStats:
             errs.append(f"heap_released {self.heap_released} > heap_idle {self.heap_idle}")
         if self.alloc != self.heap_alloc:
             errs.append(f"alloc {self.alloc} != heap_alloc {self.heap_alloc}")
+        if self.peak_alloc < self.heap_alloc:
+            errs.append(f"peak_alloc {self.peak_alloc} < heap_alloc {self.heap_alloc}")
         if self.heap_objects != self.mallocs - self.frees:
             errs.append(
                 f"heap_objects {self.heap_objects} != mallocs {self.mallocs} - frees {self.frees}"

@@ -5,7 +5,7 @@ own allocator); goheap reports under TRACEMALLOC_DOMAIN, so its objects never
 collide with Python's and one ``tracemalloc.DomainFilter`` selects them.
 
 How: ``install(heap)`` gives that one heap instance-level ``malloc``/``free``/
-``close`` that wrap the ones it had and call the stable C API
+``realloc``/``close`` that wrap the ones it had and call the stable C API
 ``PyTraceMalloc_Track``/``Untrack`` through ``ctypes.pythonapi`` (which holds
 the GIL, as those functions require).  Nothing else changes, so a heap that is
 not traced runs exactly the code it ran before: tracing costs nothing when off.  Both calls are no-ops while
@@ -62,14 +62,25 @@ def install(heap: Any) -> None:
         return
     heap._traced = True
     malloc, free, close, usable_size = heap.malloc, heap.free, heap.close, heap.usable_size
+    realloc = heap.realloc
     live: set[int] = set()
     domain = TRACEMALLOC_DOMAIN
 
-    def traced_malloc(size: int, zero: bool = True) -> int:
-        v = malloc(size, zero)
+    def traced_malloc(size: int, zero: bool = True, *, align: int | None = None) -> int:
+        v = malloc(size, zero) if align is None else malloc(size, zero, align=align)
         _track(domain, v, usable_size(v))
         live.add(v)
         return v
+
+    def traced_realloc(v: int, size: int) -> int:
+        w = realloc(v, size)  # raises on a bad address: then nothing changes
+        if w != v:  # in place, the usable size (the trace's size) is unchanged
+            if v in live:
+                live.discard(v)
+                _untrack(domain, v)
+            _track(domain, w, usable_size(w))
+            live.add(w)
+        return w
 
     def traced_free(v: int) -> None:
         free(v)  # raises on a bad address: then nothing is untracked
@@ -86,7 +97,9 @@ def install(heap: Any) -> None:
     traced_malloc.__doc__ = malloc.__doc__
     traced_free.__doc__ = free.__doc__
     traced_close.__doc__ = close.__doc__
+    traced_realloc.__doc__ = realloc.__doc__
     heap.malloc, heap.free, heap.close = traced_malloc, traced_free, traced_close
+    heap.realloc = traced_realloc
     heap._trace_live = live  # for tests: what this heap has tracked
 
 
