@@ -216,3 +216,84 @@ def test_block_ndarray_without_numpy_says_so(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "IMPORTERROR" in out.stdout and "pip install numpy" in out.stdout
+
+
+# ---- Heap.ndarray as np.empty takes it, and Arrow (issue 16) -----------------------------
+
+
+@pytest.mark.parametrize(
+    "shape,want",
+    [
+        (4, (4,)),
+        (np.int64(4), (4,)),
+        (np.uint8(3), (3,)),
+        ((2, 3), (2, 3)),
+        ((np.int32(2), 3), (2, 3)),
+        ([2, np.int64(3), 4], (2, 3, 4)),
+        ((), ()),
+        (np.array([2, 5]), (2, 5)),
+    ],
+)
+def test_block_ndarray_takes_the_shapes_np_empty_takes(heap, shape, want):
+    a = heap.ndarray(shape, np.int16)
+    assert a.shape == want == np.empty(shape, np.int16).shape and not a.any()
+    if a.size:
+        assert heap.lookup(a.ctypes.data)[0] == a.ctypes.data
+
+
+@pytest.mark.parametrize("shape,exc", [((2, -1), ValueError), (2.0, TypeError),
+                                       ((2, "3"), TypeError), (None, TypeError)])  # fmt: skip
+def test_block_ndarray_refuses_what_np_empty_refuses(heap, shape, exc):
+    before = heap.stats()
+    with pytest.raises(exc):
+        np.empty(shape)
+    with pytest.raises(exc):
+        heap.ndarray(shape)
+    assert heap.stats().mallocs == before.mallocs
+
+
+def test_block_ndarray_order_and_zero(heap):
+    f = heap.ndarray((3, 4), np.float32, order="F")
+    assert f.flags.f_contiguous and not f.flags.c_contiguous and f.strides == (4, 12)
+    assert heap.lookup(f.ctypes.data)[0] == f.ctypes.data
+    with pytest.raises(ValueError, match="order"):
+        heap.ndarray(3, order="K")
+    b = heap.alloc(4096)
+    b[:] = b"\xff" * 4096
+    addr = b.addr
+    b.free()
+    dirty = heap.ndarray(512, np.uint64, zero=False)  # the same class: the object just freed
+    assert dirty.ctypes.data == addr and dirty[1:].any()  # np.empty: not cleared
+    clean = heap.ndarray(512, np.uint64)
+    assert not clean.any()
+
+
+def test_block_arrow_py_buffer_is_zero_copy(heap):
+    pa = pytest.importorskip("pyarrow")
+    b = heap.alloc(256, align=64)  # Arrow's preferred buffer alignment
+    buf = pa.py_buffer(b)
+    assert buf.address == b.addr and buf.size == 256 and buf.address % 64 == 0
+    b[0:5] = b"arrow"
+    assert buf.to_pybytes()[:5] == b"arrow"  # the same memory, seen through Arrow
+    with pytest.raises(BufferError):
+        b.free()  # Arrow holds an export
+    del buf
+    b.free()
+
+
+def test_block_arrow_array_of_a_heap_ndarray_is_zero_copy(heap):
+    pa = pytest.importorskip("pyarrow")
+    a = heap.ndarray(1000, np.int64)
+    a[:] = np.arange(1000)
+    arr = pa.array(a)
+    assert arr.buffers()[1].address == a.ctypes.data  # Arrow's values buffer is goheap's object
+    a[7] = -1
+    assert arr[7].as_py() == -1
+    before = heap.stats().frees
+    del a
+    gc.collect()
+    assert heap.stats().frees == before  # Arrow keeps the object alive
+    assert arr.sum().as_py() == sum(range(1000)) - 8
+    del arr
+    gc.collect()
+    assert heap.stats().frees == before + 1

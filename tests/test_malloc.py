@@ -322,3 +322,80 @@ def test_malloc_threads_hammering_one_heap_stay_consistent(h):
     assert not errors
     assert h.stats().heap_objects == 0
     h.check()
+
+
+# ---- pool statistics: peak and total (issue 16) ------------------------------------------
+
+
+def test_malloc_peak_alloc_follows_heap_alloc_and_resets(h):
+    base = h.stats()
+    assert base.peak_alloc == base.heap_alloc
+    h.reset_peak()
+    a = [h.malloc(1000) for _ in range(3)]  # class 1024
+    assert h.stats().peak_alloc == base.heap_alloc + 3 * 1024
+    for v in a[:2]:
+        h.free(v)
+    st = h.stats()
+    assert st.heap_alloc == base.heap_alloc + 1024 and st.peak_alloc == base.heap_alloc + 3072
+    assert h.reset_peak() == base.heap_alloc + 3072  # the peak it replaced
+    assert h.stats().peak_alloc == base.heap_alloc + 1024
+    big = h.malloc(1 << 20)  # Python's large path
+    assert h.stats().peak_alloc == base.heap_alloc + 1024 + (1 << 20)
+    h.free(big)
+    h.free(a[2])
+    assert h.stats().heap_alloc == base.heap_alloc
+    assert h.stats().peak_alloc == base.heap_alloc + 1024 + (1 << 20)
+    h.check()
+
+
+def test_malloc_total_alloc_counts_every_path_large_cache_hits_included(h):
+    def total():
+        return h.stats().total_alloc
+
+    t = total()
+    v = h.malloc(100)  # small
+    assert total() == t + 112
+    big = h.malloc(100_000)  # large, from the page heap (Python)
+    assert total() == t + 112 + 13 * 8192
+    h.free(big)
+    assert h._c.lcache_nspans == 1  # C kept the span ...
+    big = h.malloc(100_000)
+    assert h._c.lcache_nspans == 0  # ... and handed it out again without Python
+    assert total() == t + 112 + 2 * 13 * 8192
+    w = h.realloc(v, 5000)  # a move is a malloc
+    assert total() == t + 112 + 2 * 13 * 8192 + 5376
+    st = h.stats()
+    assert st.peak_alloc >= st.heap_alloc and st.total_alloc >= st.peak_alloc
+    h.free(w)
+    h.free(big)
+    h.check()
+
+
+def test_malloc_peak_is_exact_under_threads(h):
+    h.reset_peak()
+    start = h.stats().heap_alloc
+    barrier = threading.Barrier(4)
+
+    def work():
+        barrier.wait()
+        for _ in range(2000):
+            h.free(h.malloc(64))
+
+    ts = [threading.Thread(target=work) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    st = h.stats()
+    assert st.heap_alloc == start and start + 64 <= st.peak_alloc <= start + 4 * 64
+    h.check()
+
+
+def test_malloc_peak_counts_efence_objects():
+    with goheap.Heap(arena_size=1 << 30, efence=True) as e:
+        v = e.malloc(100)
+        assert e.stats().peak_alloc == e.usable_size(v) == 112
+        e.free(v)
+        st = e.stats()
+        assert st.heap_alloc == 0 and st.peak_alloc == 112
+        e.check()
