@@ -19,6 +19,8 @@ def test_readme_has_the_tour():
 
 @pytest.mark.parametrize("i", range(len(BLOCKS)))
 def test_readme_block_runs(i):
+    if "import pyarrow" in BLOCKS[i]:
+        pytest.importorskip("pyarrow")  # an optional extra, as in tests/test_block.py
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(BLOCKS[i], f"README.md block {i}", "exec"), {"__name__": "__readme__"})
