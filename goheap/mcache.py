@@ -23,7 +23,6 @@ from goheap.mheap import MHeap
 from goheap.mspan import PAGE_SIZE
 from goheap.sizeclasses import NUM_SIZE_CLASSES, class_to_allocnpages
 
-
 # Carving ahead stops at this many bytes of spans per refill: a class that keeps
 # growing then enters Python once per 64 KiB of objects, not once per span, and
 # a class used once costs one span, as in Go.
