@@ -50,10 +50,13 @@ hold the heap's RLock.  Locks are re-created in a forked child.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
+import sys
 import threading
+import traceback
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +68,7 @@ from goheap.errors import DoubleFree, HeapClosed, HeapCorruption, InvalidFree, O
 from goheap.mcache import MCache
 from goheap.mcentral import MCentral
 from goheap.mem import SysMemory
-from goheap.mheap import MAX_ARENA32, MHeap
+from goheap.mheap import MAX_ARENA32, HeapLock, MHeap
 from goheap.mspan import SpanState
 from goheap.mstats import BySize, MStats
 from goheap.sizeclasses import (
@@ -299,7 +302,7 @@ class Heap:
 
     def _reinit_locks(self) -> None:
         self._checker = 0  # a check() in another thread at fork time never ends here
-        self._h.lock = threading.RLock()
+        self._h.lock = HeapLock()
         self._lock = self._h.lock
         self._c.lock = 0
         self._c.frozen = 0  # a check() in another thread at fork time never ends here
@@ -448,6 +451,13 @@ class Heap:
                 return
         if st == _EARG:
             raise HeapClosed("free on a closed heap")
+        reshapes = st > 0 or (st == _EINVALID and self._efence is not None and v & 7)
+        if reshapes and self._lock.held_here():
+            # A finalizer the GC ran inside one of this thread's heap operations:
+            # the page heap changes between operations, not in the middle of one
+            # (HeapLock).  A verdict that changes nothing is given at once.
+            self._lock.defer(functools.partial(self._deferred_free, v))
+            return
         marked = False
         if st == _EINVALID and self._efence is not None and v & 7:
             with self._lock:  # efence align < 8: objects C cannot see (efence.py)
@@ -532,6 +542,19 @@ class Heap:
             self._free_fast(w)
             raise
         return w
+
+    def _deferred_free(self, v: int) -> None:
+        # A finalizer's free, run after the operation it interrupted: nobody to
+        # raise to, as in a finalizer.  A stale or closed address is what a
+        # finalizer may meet; anything else is printed, as Python prints an
+        # exception raised in __del__.
+        try:
+            self.free(v)
+        except (InvalidFree, HeapClosed):
+            pass
+        except Exception:
+            print(f"Exception ignored in goheap's deferred free of {v:#x}:", file=sys.stderr)
+            traceback.print_exc()
 
     # ---- Python-facing objects (block.py) ------------------------------------------------
 

@@ -116,6 +116,57 @@ class ArenaOwner:
             pass
 
 
+class HeapLock:
+    """The heap lock (Go's single heap lock): re-entrant, and aware of which
+    thread holds it.
+
+    The garbage collector can run a finalizer -- a Block's, an ndarray's -- on
+    a thread that is in the middle of a heap operation.  A free re-entering
+    there would split or coalesce spans under the outer operation, which
+    holds half-updated state.  So a free that finds the lock held by its own
+    thread is deferred (``defer``) and runs when the outermost holder lets go,
+    between operations.  A malloc cannot wait for its result this way; the
+    fast paths in C serve most of them, and the slow path is re-entrant only
+    inside check() (Heap._during_check)."""
+
+    __slots__ = ("_deferred", "_depth", "_lock", "_owner")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._owner = 0
+        self._depth = 0
+        self._deferred: list[Callable[[], object]] = []
+
+    def acquire(self) -> bool:
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        self._depth += 1
+        return True
+
+    def release(self) -> None:
+        self._depth -= 1
+        if self._depth:
+            self._lock.release()
+            return
+        self._owner = 0
+        todo, self._deferred = self._deferred, []
+        self._lock.release()
+        for op in todo:
+            op()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def held_here(self) -> bool:
+        return self._owner == threading.get_ident()
+
+    def defer(self, op: Callable[[], object]) -> None:
+        """Run op once this thread's outermost hold ends (the caller holds it)."""
+        self._deferred.append(op)
+
+
 class MHeap:
     """The page heap.  Thread-safe through ``lock`` (an RLock shared with the
     object layers above, as Go's single heap lock)."""
@@ -146,7 +197,7 @@ class MHeap:
         # Every region the heap hands out starts on a heap page and on an OS
         # page, so a span can always be given back without touching a neighbour.
         self.align = max(PAGE_SIZE, self.os_page_size)
-        self.lock = threading.RLock()
+        self.lock = HeapLock()
         self.clock = clock
         self.scavenge_after = float(scavenge_after)
         self.c: Any = _native.new_mheap()

@@ -236,3 +236,48 @@ def test_efence_on_locked_memory_faults_what_it_frees_and_guards():
     assert "explain" in proc.stdout and "freed" in proc.stdout, (proc.stdout, proc.stderr)
     assert "survived" not in proc.stdout
     assert died_of_fault(proc), (proc.returncode, proc.stderr)
+
+
+# ---- a finalizer's free inside one of the heap's own operations ----------------------
+
+
+def test_a_finalizer_free_inside_a_heap_operation_waits_for_it_to_end():
+    """The GC can run a Block's finalizer at any allocation, also inside a heap
+    operation on the same thread; its free must not reshape the page heap under
+    that operation (it is deferred until the operation ends)."""
+    import gc
+
+    with goheap.Heap(arena_size=256 * MiB, efence=True) as h:  # efence: every free is Python's
+        inside = []
+        nested = []
+        alloc_span = h._h.alloc_span_aligned_locked
+        efence_free = h._efence.free
+
+        def gc_mid_alloc(*a, **kw):
+            inside.append(1)
+            try:
+                gc.collect()  # where the interpreter may run the GC by itself
+                return alloc_span(*a, **kw)
+            finally:
+                inside.pop()
+
+        def watched_free(s):
+            nested.append(bool(inside))
+            return efence_free(s)
+
+        h._h.alloc_span_aligned_locked = gc_mid_alloc
+        h._efence.free = watched_free
+        try:
+            b = h.alloc(100_000)
+            addr = b.addr
+            cycle = [b]
+            cycle.append(cycle)  # only the cyclic GC frees it
+            del b, cycle
+            p = h.malloc(200_000)
+            assert "freed" in h.explain(addr), "the finalizer's free never ran"
+            h.free(p)
+        finally:
+            del h._h.alloc_span_aligned_locked, h._efence.free
+        h.check()
+        assert h.stats().heap_objects == 0
+        assert nested == [False, False], nested  # the Block's free, then p's: both outside
