@@ -351,7 +351,7 @@ _fast_new: Any = None
 
 def fast_methods(h: Any, slow_malloc: Any, slow_free: Any) -> tuple[Any, Any]:
     """malloc and free for heap h as builtin methods (goheap/_pyfast.c).
-    ``slow_malloc(size, zero, status)`` and ``slow_free(v, status)`` are
+    ``slow_malloc(size, zero, status[, align])`` and ``slow_free(v, status)`` are
     weakref.WeakMethod objects: the methods never keep the Heap alive."""
     global _fast_new
     if _fast_new is None:

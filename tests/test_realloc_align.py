@@ -161,6 +161,9 @@ def test_realloc_is_traced_once(heap):
         assert t._trace_live == {w}
         assert t.realloc(w, 490) == w and t._trace_live == {w}  # class 512 still
         t.free(w)
+        a = t.malloc(100, align=256)  # through the traced malloc, counted once
+        assert a % 256 == 0 and t._trace_live == {a}
+        t.free(a)
         assert t._trace_live == set()
     finally:
         t.close()
