@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import harness as H
 from harness import Bench
 
 
@@ -42,6 +43,46 @@ def at_most(
         bench.target(name, workload, None, limit, why_missing or detail, None, info, stretch)
         return
     bench.target(name, workload, value, limit, detail, value <= limit, info, stretch)
+
+
+def nozero_and_zeroed(
+    bench: Bench,
+    case: dict[str, Any],
+    prefix: str,
+    workload: str,
+    limits: tuple[float, float],
+    what: str,
+) -> None:
+    """The pair of targets every issue-13 case carries: goheap's zero=False against glibc malloc
+    and its zeroed default against glibc calloc (their fair references), each at most its limit."""
+    missing = bench.goheap_skip or "goheap not measured"
+    for row, base, ref, label, limit, detail in (
+        (
+            "goheap zero=False",
+            H.REF,
+            "cffi-libc",
+            "zero=False",
+            limits[0],
+            f"h.malloc(n, zero=False)+free vs glibc malloc+free through cffi{what}",
+        ),
+        (
+            "goheap",
+            H.CALLOC,
+            "cffi-libc calloc",
+            "zeroed",
+            limits[1],
+            f"h.malloc(n)+free (zeroed) vs glibc calloc+free through cffi{what}",
+        ),
+    ):
+        at_most(
+            bench,
+            f"{prefix} {label} <= {limit}x {ref}",
+            workload,
+            row_ratio(case, row, base, H.REF),
+            limit,
+            detail,
+            why_missing=missing,
+        )
 
 
 def flatness(medians: list[float]) -> float:

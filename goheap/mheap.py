@@ -522,8 +522,14 @@ class MHeap:
         s = self._find(npage)
         if s is None and self.reclaim is not None and self.reclaim():
             s = self._find(npage)  # Go's MHeap_Reclaim: empty small spans came back
-        if s is None and self.flush_lcache_locked():
-            s = self._find(npage)  # the large cache's spans, coalesced, before growing
+        if s is None and 2 * int(self.c.lcache_bytes) >= int(self.c.lcache_limit) > 0:
+            # The cache costs at most lcache_limit of idle memory; growing beside
+            # a cache past half of that would let idle memory build up, so its
+            # spans go back first (coalesced, they may fit).  Below it the heap
+            # grows, as Go's does beside its own idle spans, and the cache keeps
+            # serving the sizes it holds from C.
+            self.flush_lcache_locked()
+            s = self._find(npage)
         if s is None:
             self.grow(npage)
             # goheap: Go searched only freelarge again, missing a small grow.

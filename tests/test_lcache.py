@@ -125,8 +125,9 @@ def test_scavenge_empties_the_cache_and_gives_its_pages_back(h):
     h.check()
 
 
-def test_the_cache_goes_back_to_the_page_heap_before_the_heap_grows():
+def test_a_cache_past_half_its_cap_goes_back_to_the_page_heap_before_the_heap_grows():
     with goheap.Heap(arena_size=64 * MiB) as h:
+        assert 16 * MiB <= h._c.lcache_limit < 17 * MiB  # a quarter of the reservation
         ps = [h.malloc(1 * MiB) for _ in range(12)]
         for p in ps:
             h.free(p)
@@ -136,6 +137,22 @@ def test_the_cache_goes_back_to_the_page_heap_before_the_heap_grows():
         big = h.malloc(8 * MiB)  # fits only in the spans the cache held, coalesced
         assert h.arena_used == used, "grew instead of taking the cached spans back"
         assert h._c.lcache_nspans == 0
+        h.free(big)
+        h.check()
+
+
+def test_a_cache_under_half_its_cap_keeps_serving_while_the_heap_grows():
+    with goheap.Heap(arena_size=64 * MiB) as h:
+        ps = [h.malloc(1 * MiB) for _ in range(4)]
+        for p in ps:
+            h.free(p)  # 4 MiB cached, under half of the 16 MiB cap
+        used = h.arena_used
+        big = h.malloc(8 * MiB)
+        assert h.arena_used > used  # the heap grew beside the cache
+        assert h._c.lcache_nspans == 4
+        q = h.malloc(1 * MiB)
+        assert q in ps  # and the cache still serves from C
+        h.free(q)
         h.free(big)
         h.check()
 

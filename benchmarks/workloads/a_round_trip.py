@@ -66,24 +66,7 @@ def judge_small(bench: H.Bench, cases: list[dict]) -> None:
 
 
 def judge_every_size(bench: H.Bench, cases: list[dict]) -> None:
-    missing = bench.goheap_skip or "goheap not measured"
     for case in cases:
-        size = case["case"]
-        T.at_most(
-            bench,
-            f"(a) zero=False {size} <= {TARGET_NOZERO}x cffi-libc",
-            "a",
-            T.row_ratio(case, "goheap zero=False", H.REF, H.REF),
-            TARGET_NOZERO,
-            "h.malloc(n, zero=False)+free vs glibc malloc+free through cffi",
-            why_missing=missing,
-        )
-        T.at_most(
-            bench,
-            f"(a) zeroed {size} <= {TARGET_ZEROED}x cffi-libc calloc",
-            "a",
-            T.row_ratio(case, "goheap", H.CALLOC, H.REF),
-            TARGET_ZEROED,
-            "h.malloc(n)+free (zeroed) vs glibc calloc+free through cffi",
-            why_missing=missing,
+        T.nozero_and_zeroed(
+            bench, case, f"(a) {case['case']}", "a", (TARGET_NOZERO, TARGET_ZEROED), ""
         )

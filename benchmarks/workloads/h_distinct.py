@@ -63,22 +63,11 @@ def run(bench: H.Bench) -> None:
         [case],
         sizes=cycle,
     )
-    missing = bench.goheap_skip or "goheap not measured"
-    T.at_most(
+    T.nozero_and_zeroed(
         bench,
-        f"(h) distinct large sizes zero=False <= {TARGET_DISTINCT}x cffi-libc",
+        case,
+        "(h) distinct large sizes",
         "h",
-        T.row_ratio(case, "goheap zero=False", H.REF, H.REF),
-        TARGET_DISTINCT,
-        "h.malloc(n, zero=False)+free vs glibc malloc+free, 100 sizes of 5..512 pages",
-        why_missing=missing,
-    )
-    T.at_most(
-        bench,
-        f"(h) distinct large sizes zeroed <= {TARGET_DISTINCT}x cffi-libc calloc",
-        "h",
-        T.row_ratio(case, "goheap", H.CALLOC, H.REF),
-        TARGET_DISTINCT,
-        "h.malloc(n)+free (zeroed) vs glibc calloc+free, 100 sizes of 5..512 pages",
-        why_missing=missing,
+        (TARGET_DISTINCT, TARGET_DISTINCT),
+        ", 100 sizes of 5..512 pages",
     )
