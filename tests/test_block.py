@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -245,8 +246,14 @@ def test_block_ndarray_takes_the_shapes_np_empty_takes(heap, shape, want):
                                        ((2, "3"), TypeError), (None, TypeError)])  # fmt: skip
 def test_block_ndarray_refuses_what_np_empty_refuses(heap, shape, exc):
     before = heap.stats()
-    with pytest.raises(exc):
-        np.empty(shape)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            np.empty(shape)
+    except exc:
+        pass
+    else:  # NumPy < 2.3 took None for () with a DeprecationWarning
+        pytest.skip(f"NumPy {np.__version__} accepts shape {shape!r}")
     with pytest.raises(exc):
         heap.ndarray(shape)
     assert heap.stats().mallocs == before.mallocs

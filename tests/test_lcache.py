@@ -9,6 +9,7 @@ heap grows, on the scavenger's tick and on scavenge(), and efence has none.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -29,13 +30,16 @@ def h():
         yield heap
 
 
+PACKAGE_DIR = os.path.dirname(os.path.abspath(goheap.__file__)) + os.sep
+
+
 def goheap_python_calls(fn) -> int:
     """How many Python functions of the goheap package run during fn()."""
     calls = 0
 
     def prof(frame, event, arg):
         nonlocal calls
-        if event == "call" and "/goheap/" in frame.f_code.co_filename:
+        if event == "call" and frame.f_code.co_filename.startswith(PACKAGE_DIR):
             calls += 1
 
     sys.setprofile(prof)
