@@ -349,20 +349,23 @@ mcache_free = lib.gh_mcache_free
 _fast_new: Any = None
 
 
-def fast_methods(h: Any, slow_malloc: Any, slow_free: Any) -> tuple[Any, Any]:
-    """malloc and free for heap h as builtin methods (goheap/_pyfast.c).
-    ``slow_malloc(size, zero, status[, align])`` and ``slow_free(v, status)`` are
-    weakref.WeakMethod objects: the methods never keep the Heap alive."""
+def fast_methods(
+    h: Any, slow_malloc: Any, slow_free: Any, slow_realloc: Any
+) -> tuple[Any, Any, Any]:
+    """malloc, free and realloc for heap h as builtin methods (goheap/_pyfast.c).
+    ``slow_malloc(size, zero, status[, align])``, ``slow_free(v, status)`` and
+    ``slow_realloc(v, size)`` are weakref.WeakMethod objects: the methods never
+    keep the Heap alive."""
     global _fast_new
     if _fast_new is None:
         import goheap._ffi as ffi_module
 
         fn = ctypes.PyDLL(ffi_module.__file__).ghpy_fast_new
         fn.restype = ctypes.py_object
-        fn.argtypes = [ctypes.c_void_p, ctypes.py_object, ctypes.py_object, ctypes.py_object]
+        fn.argtypes = [ctypes.c_void_p] + [ctypes.py_object] * 4
         _fast_new = fn
-    fast = _fast_new(mheap_addr(h), h, slow_malloc, slow_free)
-    return fast.malloc, fast.free
+    fast = _fast_new(mheap_addr(h), h, slow_malloc, slow_free, slow_realloc)
+    return fast.malloc, fast.free, fast.realloc
 
 
 def fastpath_pointers() -> tuple[int, int]:

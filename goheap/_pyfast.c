@@ -37,6 +37,7 @@ typedef struct {
     PyObject *owner;       /* keeps h's memory alive                          */
     PyObject *slow_malloc; /* weakref.WeakMethod of Heap._malloc_slow(size, zero, status[, align]) */
     PyObject *slow_free;   /* weakref.WeakMethod of Heap._free_slow(v, status)           */
+    PyObject *slow_realloc; /* weakref.WeakMethod of Heap.realloc(v, size)                */
 } ghpy_fast;
 
 static PyObject *fast_type; /* created on first use */
@@ -170,12 +171,44 @@ static PyObject *fast_free(ghpy_fast *self, PyObject *const *args, Py_ssize_t na
     return r;
 }
 
+/* realloc(v, size): the in-place case in C; anything else -- a move, a bad
+ * address, keywords, arguments that are not plain ints -- goes to
+ * Heap.realloc untouched, which decides and names the error. */
+static PyObject *fast_realloc(ghpy_fast *self, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames)
+{
+    PyObject *m, *r;
+    if (kwnames == NULL && nargs == 2 && PyLong_CheckExact(args[0]) &&
+        PyLong_CheckExact(args[1])) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(args[0]);
+        unsigned long long n = v == (unsigned long long)-1 && PyErr_Occurred()
+                                   ? 0
+                                   : PyLong_AsUnsignedLongLong(args[1]);
+        if (PyErr_Occurred())
+            PyErr_Clear(); /* negative or huge: the slow path names the error */
+        else if (gh_realloc_in_place(self->h, (uintptr_t)v, (uintptr_t)n) == GH_OK)
+            return Py_NewRef(args[0]);
+    }
+    m = PyObject_CallNoArgs(self->slow_realloc);
+    if (m == NULL)
+        return NULL;
+    if (m == Py_None) {
+        Py_DECREF(m);
+        PyErr_SetString(PyExc_ReferenceError, "goheap: the Heap behind this method is gone");
+        return NULL;
+    }
+    r = PyObject_Vectorcall(m, args, (size_t)nargs, kwnames);
+    Py_DECREF(m);
+    return r;
+}
+
 static void fast_dealloc(ghpy_fast *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     Py_XDECREF(self->owner);
     Py_XDECREF(self->slow_malloc);
     Py_XDECREF(self->slow_free);
+    Py_XDECREF(self->slow_realloc);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
@@ -185,6 +218,8 @@ static PyMethodDef fast_methods[] = {
      "malloc(size, zero=True, *, align=None) -> int: see goheap.Heap.malloc."},
     {"free", (PyCFunction)(void (*)(void))fast_free, METH_FASTCALL,
      "free(v) -> None: see goheap.Heap.free."},
+    {"realloc", (PyCFunction)(void (*)(void))fast_realloc, METH_FASTCALL | METH_KEYWORDS,
+     "realloc(v, size) -> int: see goheap.Heap.realloc."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -205,10 +240,11 @@ static PyType_Spec fast_spec = {
 /* A new FastPath for heap h.  Called through ctypes.PyDLL (with the GIL held)
  * by goheap/_native.py; the three objects are borrowed and kept. */
 GHPY_EXPORT PyObject *ghpy_fast_new(uintptr_t h, PyObject *owner, PyObject *slow_malloc,
-                                    PyObject *slow_free)
+                                    PyObject *slow_free, PyObject *slow_realloc)
 {
     ghpy_fast *self;
-    if (h == 0 || owner == NULL || slow_malloc == NULL || slow_free == NULL) {
+    if (h == 0 || owner == NULL || slow_malloc == NULL || slow_free == NULL ||
+        slow_realloc == NULL) {
         PyErr_SetString(PyExc_ValueError, "ghpy_fast_new: missing argument");
         return NULL;
     }
@@ -224,6 +260,7 @@ GHPY_EXPORT PyObject *ghpy_fast_new(uintptr_t h, PyObject *owner, PyObject *slow
     self->owner = Py_NewRef(owner);
     self->slow_malloc = Py_NewRef(slow_malloc);
     self->slow_free = Py_NewRef(slow_free);
+    self->slow_realloc = Py_NewRef(slow_realloc);
     return (PyObject *)self;
 }
 

@@ -1071,6 +1071,38 @@ int gh_object_size(gh_mheap *h, uintptr_t v, uintptr_t *size, uint32_t *sizeclas
     return st;
 }
 
+/* realloc(v, n)'s in-place case, decided as Heap.realloc documents it: GH_OK
+ * if the live object at v holds n bytes where it is -- n is of its small size
+ * class, or it is a large non-efence object whose span holds n and n needs
+ * more than half of the span's pages -- GH_MISS if it must move (Python moves
+ * it), else free's verdict for v.  Changes nothing. */
+int gh_realloc_in_place(gh_mheap *h, uintptr_t v, uintptr_t n)
+{
+    gh_mspan *s;
+    uint64_t bits;
+    int st = judge_begin(h, v, &bits, &s);
+    if (st != GH_OK)
+        return st;
+    if (!(bits & GH_BIT_ALLOCATED))
+        st = not_live_status(s, v, bits);
+    else if (s == NULL || s->state != GH_MSPAN_IN_USE || s->ref == 0 ||
+             (s->sizeclass == 0 && v != s->base))
+        st = GH_ECORRUPT;
+    else if (h->efence)
+        st = GH_MISS;
+    else if (s->sizeclass != 0) {
+        uintptr_t cl = n > GH_MAX_SMALL_SIZE ? 0
+                       : n <= 1024           ? h->size_to_class8[(n + 7) >> 3]
+                                             : h->size_to_class128[(n - 1024 + 127) >> 7];
+        st = cl == s->sizeclass ? GH_OK : GH_MISS;
+    } else {
+        uintptr_t pages = (n + GH_PAGE_MASK) >> GH_PAGE_SHIFT;
+        st = n <= s->elemsize && 2 * pages > (s->elemsize >> GH_PAGE_SHIFT) ? GH_OK : GH_MISS;
+    }
+    heap_unlock(h);
+    return st;
+}
+
 /* live_bytes and peak_bytes read together; with reset != 0 the peak
  * restarts from what is live now (Heap.reset_peak) and *peak is the one it
  * replaced, so no malloc in between is lost to the caller. */

@@ -113,6 +113,7 @@ typedef struct gh_mheap {
     uint64_t  nfree[GH_NUM_SIZE_CLASSES];  /* small objects freed              */
     int32_t   lock;                        /* spinlock: each C call is atomic  */
     int32_t   frozen;                      /* check() runs: fast paths defer   */
+    int32_t   efence;                      /* efence mode: realloc always moves */
     /* Large objects (> 32 KiB, efence ones too): counts and bytes, kept here
      * so that a cache hit counts without Python.  Python's paths add through
      * gh_large_account. */
@@ -182,6 +183,7 @@ int gh_large_account(gh_mheap *h, uint64_t nalloc, uint64_t alloc_bytes, uint64_
 int gh_lcache_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n);
 int gh_lcache_flush(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n);
 int gh_object_size(gh_mheap *h, uintptr_t v, uintptr_t *size, uint32_t *sizeclass);
+int gh_realloc_in_place(gh_mheap *h, uintptr_t v, uintptr_t n); /* 0, GH_MISS, free's verdict */
 int gh_mheap_peak(gh_mheap *h, int reset, uint64_t *live, uint64_t *peak);
 
 /* ---- fault reporter (efence diagnosis) ------------------------------------ */

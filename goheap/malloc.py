@@ -250,6 +250,7 @@ class Heap:
         # Large objects are counted in C (gh_mheap.nlargealloc ...), where a
         # hit in the large cache counts them without Python.
         self._c.lcache_limit = 0 if efence else self._h.lcache_cap()
+        self._c.efence = int(efence)  # realloc's C half moves every efence object
         self._bind_fast_paths()
         if trace or mtrace.enabled:
             mtrace.install(self)  # instance-level wrappers: the class methods stay untraced
@@ -273,15 +274,19 @@ class Heap:
         the documented interface and the reference implementation; anything but
         a plain hit goes to the same slow paths, through weak references so the
         Heap is never kept alive by them."""
-        malloc, free = _native.fast_methods(
-            self._c, weakref.WeakMethod(self._malloc_slow), weakref.WeakMethod(self._free_slow)
+        malloc, free, realloc = _native.fast_methods(
+            self._c,
+            weakref.WeakMethod(self._malloc_slow),
+            weakref.WeakMethod(self._free_slow),
+            weakref.WeakMethod(self.realloc),  # the class's: realloc's in-place case is C's
         )
         # For malloc(align=) and realloc: the untraced entry points, so that
         # mtrace's wrappers count each object once.
         self._malloc_fast, self._free_fast = malloc, free
         if debug.level >= 3:
-            malloc, free = self._checked(malloc), self._checked(free)
+            malloc, free, realloc = (self._checked(f) for f in (malloc, free, realloc))
         self.malloc, self.free = malloc, free  # type: ignore[method-assign]
+        self.realloc = realloc  # type: ignore[method-assign]
 
     def _checked(self, call: Any) -> Any:
         """GOHEAP_DEBUG=3: run check() after every malloc and free (O(heap) each)."""

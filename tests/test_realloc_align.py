@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 
 import pytest
 
@@ -90,6 +91,35 @@ def test_realloc_large_in_place_while_its_span_holds_the_size(heap):
     tiny = heap.realloc(small, 10)  # large to small
     assert heap.usable_size(tiny) == 16 and read(tiny, 10) == data[:10]
     heap.free(tiny)
+    heap.check()
+
+
+def test_realloc_in_place_is_served_in_c(heap):
+    """The in-place cases never enter Python: the builtin realloc asks C, which
+    decides as Heap.realloc documents; a move goes to the Python method."""
+    import sys
+
+    pkg = os.path.dirname(os.path.abspath(goheap.__file__)) + os.sep
+    small, large = heap.malloc(100), heap.malloc(100_000)
+    calls = []
+
+    def prof(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(pkg):
+            calls.append(frame.f_code.co_name)
+
+    sys.setprofile(prof)
+    try:
+        for _ in range(100):
+            assert heap.realloc(small, 97) == small  # the same 112-byte class
+            assert heap.realloc(large, 70_000) == large  # 9 of its 13 pages
+    finally:
+        sys.setprofile(None)
+    assert calls == []
+    moved = heap.realloc(small, 200)  # another class: Python moves it
+    assert moved != small and heap.usable_size(moved) == 208
+    assert heap.realloc(v=moved, size=205) == moved  # keywords: Python, same verdict
+    heap.free(moved)
+    heap.free(large)
     heap.check()
 
 
