@@ -45,6 +45,8 @@ EMULATED = os.environ.get("GOHEAP_LANE") == "qemu-user" or os.sysconf("SC_PAGE_S
 EXAMPLES = int(os.environ.get("GOHEAP_FUZZ_EXAMPLES", "15" if EMULATED else "60"))
 STEPS = 60
 
+# Simulated OS pages bigger than the real one (at 64 KiB, none).
+BIG_PAGES = [p for p in (16384, 65536) if p > os.sysconf("SC_PAGE_SIZE")]
 BOUNDARY_SIZES = sorted({max(0, c + d) for c in class_to_size[1:] for d in (-1, 0, 1)})
 sizes = st.one_of(
     st.sampled_from(BOUNDARY_SIZES),
@@ -65,7 +67,7 @@ class HeapMachine(RuleBasedStateMachine):
 
     @initialize(
         efence=st.sampled_from([False, False, False, True]),
-        page=st.sampled_from([None, None, 16384, 65536]),
+        page=st.sampled_from([None, None, *BIG_PAGES]),
     )
     def open(self, efence, page):
         # page: the OS page the heap believes in (simulated 16/64 KiB), so the
