@@ -132,11 +132,12 @@ suite_for() {
 # cffi >= 2.0 turns that into _CFFI_NO_LIMITED_API when building through
 # setuptools (bookworm has 1.15, trixie 1.17).  bookworm's hypothesis (6.67)
 # is also below pyproject's floor, and so is its setuptools (66): pyproject's
-# SPDX license string needs setuptools >= 77 (a pure-Python wheel).  So these
+# SPDX license string needs setuptools >= 77, which needs packaging >= 24.2
+# (bookworm: 23.0; both pure-Python wheels).  So these
 # wheels are fetched on the host with pip (from PyPI, as `make test` does) and
 # unpacked into the guest's
 # /usr/local, which Debian's python3 searches first; pip never runs emulated.
-GUEST_WHEELS="cffi==2.1.1 hypothesis==6.170.17 setuptools==80.9.0"
+GUEST_WHEELS="cffi==2.1.1 hypothesis==6.170.17 setuptools==80.9.0 packaging==25.0"
 
 # guest_wheels ARCH ROOT: (re)install GUEST_WHEELS into ROOT unless it has them.
 guest_wheels() {
