@@ -42,8 +42,9 @@ typedef struct {
 
 static PyObject *fast_type; /* created on first use */
 
-/* Call the method behind a WeakMethod with args[0..n). */
-static PyObject *call_slow(PyObject *weak, PyObject *const *args, Py_ssize_t n)
+/* Call the method behind a WeakMethod with args[0..n) (and kwnames, or NULL). */
+static PyObject *call_slow(PyObject *weak, PyObject *const *args, Py_ssize_t n,
+                           PyObject *kwnames)
 {
     PyObject *m, *r;
     m = PyObject_CallNoArgs(weak);
@@ -54,7 +55,7 @@ static PyObject *call_slow(PyObject *weak, PyObject *const *args, Py_ssize_t n)
         PyErr_SetString(PyExc_ReferenceError, "goheap: the Heap behind this method is gone");
         return NULL;
     }
-    r = PyObject_Vectorcall(m, args, (size_t)n, NULL);
+    r = PyObject_Vectorcall(m, args, (size_t)n, kwnames);
     Py_DECREF(m);
     return r;
 }
@@ -73,7 +74,7 @@ static PyObject *to_slow_malloc(ghpy_fast *self, PyObject *size, PyObject *zero,
     args[1] = zero;
     args[2] = st;
     args[3] = align;
-    r = call_slow(self->slow_malloc, args, align != NULL ? 4 : 3);
+    r = call_slow(self->slow_malloc, args, align != NULL ? 4 : 3, NULL);
     Py_DECREF(st);
     return r;
 }
@@ -166,7 +167,7 @@ static PyObject *fast_free(ghpy_fast *self, PyObject *const *args, Py_ssize_t na
     }
     a[0] = args[0];
     a[1] = st;
-    r = call_slow(self->slow_free, a, 2);
+    r = call_slow(self->slow_free, a, 2, NULL);
     Py_DECREF(st);
     return r;
 }
@@ -177,7 +178,6 @@ static PyObject *fast_free(ghpy_fast *self, PyObject *const *args, Py_ssize_t na
 static PyObject *fast_realloc(ghpy_fast *self, PyObject *const *args, Py_ssize_t nargs,
                               PyObject *kwnames)
 {
-    PyObject *m, *r;
     if (kwnames == NULL && nargs == 2 && PyLong_CheckExact(args[0]) &&
         PyLong_CheckExact(args[1])) {
         unsigned long long v = PyLong_AsUnsignedLongLong(args[0]);
@@ -189,17 +189,7 @@ static PyObject *fast_realloc(ghpy_fast *self, PyObject *const *args, Py_ssize_t
         else if (gh_realloc_in_place(self->h, (uintptr_t)v, (uintptr_t)n) == GH_OK)
             return Py_NewRef(args[0]);
     }
-    m = PyObject_CallNoArgs(self->slow_realloc);
-    if (m == NULL)
-        return NULL;
-    if (m == Py_None) {
-        Py_DECREF(m);
-        PyErr_SetString(PyExc_ReferenceError, "goheap: the Heap behind this method is gone");
-        return NULL;
-    }
-    r = PyObject_Vectorcall(m, args, (size_t)nargs, kwnames);
-    Py_DECREF(m);
-    return r;
+    return call_slow(self->slow_realloc, args, nargs, kwnames);
 }
 
 static void fast_dealloc(ghpy_fast *self)

@@ -1044,6 +1044,18 @@ int gh_large_free(gh_mheap *h, uintptr_t v)
     return st;
 }
 
+/* free's verdict on v from its bitmap bits and span, changing nothing:
+ * GH_OK for the start of a live object (s is then its span). */
+static inline int live_status(const gh_mspan *s, uintptr_t v, uint64_t bits)
+{
+    if (!(bits & GH_BIT_ALLOCATED))
+        return not_live_status(s, v, bits);
+    if (s == NULL || s->state != GH_MSPAN_IN_USE || s->ref == 0 ||
+        (s->sizeclass == 0 && v != s->base))
+        return GH_ECORRUPT;
+    return GH_OK;
+}
+
 /* What free(v) would say, without freeing: GH_OK with the usable size and
  * size class (0: a large or efence object) of the live object starting at v,
  * else free's verdict (GH_EINVALID, GH_EDOUBLE, GH_ECORRUPT).  realloc's
@@ -1058,12 +1070,8 @@ int gh_object_size(gh_mheap *h, uintptr_t v, uintptr_t *size, uint32_t *sizeclas
     st = judge_begin(h, v, &bits, &s);
     if (st != GH_OK)
         return st;
-    if (!(bits & GH_BIT_ALLOCATED))
-        st = not_live_status(s, v, bits);
-    else if (s == NULL || s->state != GH_MSPAN_IN_USE || s->ref == 0 ||
-             (s->sizeclass == 0 && v != s->base))
-        st = GH_ECORRUPT;
-    else {
+    st = live_status(s, v, bits);
+    if (st == GH_OK) {
         *size = s->elemsize;
         *sizeclass = s->sizeclass;
     }
@@ -1083,19 +1091,15 @@ int gh_realloc_in_place(gh_mheap *h, uintptr_t v, uintptr_t n)
     int st = judge_begin(h, v, &bits, &s);
     if (st != GH_OK)
         return st;
-    if (!(bits & GH_BIT_ALLOCATED))
-        st = not_live_status(s, v, bits);
-    else if (s == NULL || s->state != GH_MSPAN_IN_USE || s->ref == 0 ||
-             (s->sizeclass == 0 && v != s->base))
-        st = GH_ECORRUPT;
-    else if (h->efence)
+    st = live_status(s, v, bits);
+    if (st == GH_OK && h->efence)
         st = GH_MISS;
-    else if (s->sizeclass != 0) {
+    else if (st == GH_OK && s->sizeclass != 0) {
         uintptr_t cl = n > GH_MAX_SMALL_SIZE ? 0
                        : n <= 1024           ? h->size_to_class8[(n + 7) >> 3]
                                              : h->size_to_class128[(n - 1024 + 127) >> 7];
         st = cl == s->sizeclass ? GH_OK : GH_MISS;
-    } else {
+    } else if (st == GH_OK) {
         uintptr_t pages = (n + GH_PAGE_MASK) >> GH_PAGE_SHIFT;
         st = n <= s->elemsize && 2 * pages > (s->elemsize >> GH_PAGE_SHIFT) ? GH_OK : GH_MISS;
     }
