@@ -941,6 +941,22 @@ uintptr_t gh_mcache_alloc_nozero(gh_mheap *h, uintptr_t size)
     return mcache_alloc(h, size, 0);
 }
 
+/* The start of the calls that judge v as free() would: GH_EARG for a closed
+ * heap, GH_EINVALID for an address no object can start at; on GH_OK the lock
+ * is held and *bits, *s are v's bitmap bits and span (or NULL). */
+static int judge_begin(gh_mheap *h, uintptr_t v, uint64_t *bits, gh_mspan **s)
+{
+    if (h == NULL || h->arena_start == 0)
+        return GH_EARG;
+    if (v < h->arena_start || v >= h->arena_used || v % GH_PTR_SIZE != 0)
+        return GH_EINVALID;
+    if (!heap_lock_open(h))
+        return GH_EARG;
+    *bits = bitmap_bits(h, v);
+    *s = *spans_slot(h, v);
+    return GH_OK;
+}
+
 /* Why v, whose allocated bit is clear, cannot be freed: a boundary bit marks
  * a freed object's start (GH_EDOUBLE), except the tail mark a small span
  * carries at its limit (the leftover past its last object), which was never
@@ -962,19 +978,14 @@ int gh_mcache_free(gh_mheap *h, uintptr_t v)
 {
     gh_mspan *s;
     uint64_t bits;
+    int st = judge_begin(h, v, &bits, &s);
 
-    if (h == NULL || h->arena_start == 0)
-        return GH_EARG;
-    if (v < h->arena_start || v >= h->arena_used || v % GH_PTR_SIZE != 0)
-        return GH_EINVALID;
-    if (!heap_lock_open(h))
-        return GH_EARG;
+    if (st != GH_OK)
+        return st;
     if (h->frozen) {
         heap_unlock(h);
         return GH_EBUSY;
     }
-    bits = bitmap_bits(h, v);
-    s = *spans_slot(h, v);
     if (!(bits & GH_BIT_ALLOCATED)) {
         heap_unlock(h);
         return not_live_status(s, v, bits);
@@ -1004,21 +1015,6 @@ int gh_mcache_free(gh_mheap *h, uintptr_t v)
     return GH_OK;
 }
 
-/* The start of the calls that judge v as free() would: GH_EARG for a closed
- * heap, GH_EINVALID for an address no object can start at; on GH_OK the lock
- * is held and *bits, *s are v's bitmap bits and span (or NULL). */
-static int judge_begin(gh_mheap *h, uintptr_t v, uint64_t *bits, gh_mspan **s)
-{
-    if (h == NULL || h->arena_start == 0)
-        return GH_EARG;
-    if (v < h->arena_start || v >= h->arena_used || v % GH_PTR_SIZE != 0)
-        return GH_EINVALID;
-    if (!heap_lock_open(h))
-        return GH_EARG;
-    *bits = bitmap_bits(h, v);
-    *s = *spans_slot(h, v);
-    return GH_OK;
-}
 
 /* The first half of freeing large/efence object v, under Python's heap lock:
  * check again (another thread may have freed it since gh_mcache_free said
