@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 # The C core is rebuilt whenever one of these changes.
-BUILD_INPUTS := goheap/_sys.c goheap/_pyfast.c goheap/_sys.h goheap/_sys.cdef build_ffi.py setup.py pyproject.toml
+BUILD_INPUTS := goheap/_sys.c goheap/_pyfast.c goheap/_nphandler.c goheap/_sys.h goheap/_sys.cdef build_ffi.py setup.py pyproject.toml
 PYTEST_ARGS ?=
 
 .PHONY: venv build test demo bench bench-quick bench-deps lint clean

@@ -68,7 +68,7 @@ ffibuilder.cdef((PKG / "_sys.cdef").read_text())
 ffibuilder.set_source(
     "goheap._ffi",
     PREAMBLE,
-    sources=["goheap/_sys.c", "goheap/_pyfast.c"],
+    sources=["goheap/_sys.c", "goheap/_pyfast.c", "goheap/_nphandler.c"],
     include_dirs=["goheap"],
     extra_compile_args=CFLAGS,
     extra_link_args=LDFLAGS,

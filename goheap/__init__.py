@@ -23,6 +23,7 @@ from goheap.errors import (
 )
 from goheap.malloc import MAX_ARENA32, TRACEMALLOC_DOMAIN, Block, Heap, enable_tracemalloc
 from goheap.mstats import BySize, MStats
+from goheap.numpy_handler import numpy_allocator
 from goheap.sizeclasses import (
     MAX_SMALL_SIZE,
     NUM_SIZE_CLASSES,
@@ -56,6 +57,7 @@ __all__ = [
     "class_to_allocnpages",
     "class_to_size",
     "enable_tracemalloc",
+    "numpy_allocator",
     "roundupsize",
     "size_to_class",
 ]

@@ -402,3 +402,22 @@ def block_new(cls: Any, heap: Any, owner: Any, v: int, n: int) -> Any:
     """A live ``cls`` (block_base() or a subclass) exporting [v, v+n), holding
     ``heap`` and ``owner``.  The caller vouches for the range."""
     return _load_block_api()[1](cls, heap, owner, v, n)
+
+
+# ---- NumPy's data-memory handler (goheap/_nphandler.c) --------------------------
+
+_numpy_api: tuple[Any, Any, Any, Any] | None = None
+
+
+def numpy_handler_api() -> tuple[Any, Any, Any, Any]:
+    """(new_handler, load_api, set_handler, get_handler): the C half of
+    goheap/numpy_handler.py, as builtins (see _nphandler.c for each)."""
+    global _numpy_api
+    if _numpy_api is None:
+        import goheap._ffi as ffi_module
+
+        fn = ctypes.PyDLL(ffi_module.__file__).ghnp_api
+        fn.restype = ctypes.py_object
+        fn.argtypes = []
+        _numpy_api = fn()
+    return _numpy_api

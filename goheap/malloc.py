@@ -757,6 +757,9 @@ class Heap:
             self._h.spanalloc.compact()
             return released
 
+    # NumPy's handler capsule for this heap, made once by numpy_handler.py.
+    _numpy_handler: Any = None
+
     # check() on this thread: its thread id, else 0 (see _during_check).
     _checker = 0
     _check_dirty = False
@@ -904,13 +907,17 @@ class Heap:
         HeapClosed (closing twice is fine), in every thread, C callers
         included.  The memory is unmapped now if nothing can reach it, else
         when the last export is gone: a Block, a ``Heap.ndarray`` array or a
-        view of one, a ``view()`` memoryview.  Those stay readable and
-        writable until then; ``Block.free()`` raises HeapClosed (the Block's
-        finalizer says nothing).  Then nothing of the heap stays mapped."""
+        view of one, a ``view()`` memoryview, an array NumPy made under
+        ``numpy_allocator``.  Those stay readable and writable until then;
+        ``Block.free()`` raises HeapClosed (the Block's finalizer says
+        nothing).  Then nothing of the heap stays mapped."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            # The cached NumPy handler holds the arena owner: from now on only
+            # the arrays made with it may (numpy_handler.py).
+            self._numpy_handler = None
             self._h.close_locked()
         _live_heaps.discard(self)
 
