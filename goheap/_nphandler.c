@@ -131,7 +131,9 @@ static void slow_leave(slow_state *st)
 /* The exception a slow path raised, dealt with: a MemoryError is dropped
  * (NumPy raises its own for the NULL it gets), anything else -- HeapClosed,
  * DoubleFree, InvalidFree, HeapCorruption -- is written as unraisable, so
- * the user learns why without NumPy dying of it.  what: e.g. "free". */
+ * the user learns why without NumPy dying of it.  The message names the
+ * call: what(n) for an allocation (v == 0), what(v) for a free (n == 0),
+ * what(v, n) for a realloc. */
 static void slow_report(const char *what, uintptr_t v, size_t n)
 {
     PyObject *where;
@@ -139,7 +141,12 @@ static void slow_report(const char *what, uintptr_t v, size_t n)
         PyErr_Clear();
         return;
     }
-    where = PyUnicode_FromFormat("goheap's NumPy handler: %s(%p, %zu)", what, (void *)v, n);
+    if (v == 0) /* malloc(n) */
+        where = PyUnicode_FromFormat("goheap's NumPy handler: %s(%zu)", what, n);
+    else if (n == 0) /* free(v) */
+        where = PyUnicode_FromFormat("goheap's NumPy handler: %s(%p)", what, (void *)v);
+    else /* realloc(v, n) */
+        where = PyUnicode_FromFormat("goheap's NumPy handler: %s(%p, %zu)", what, (void *)v, n);
     PyErr_WriteUnraisable(where); /* NULL (no memory) still prints the error */
     Py_XDECREF(where);
 }
