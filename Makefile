@@ -63,20 +63,22 @@ demo: build
 	$(PY) -m goheap demo
 
 # Benchmarks (issue 6; README "Benchmarks"): the bench extra into the venv, and Debian's
-# jemalloc/mimalloc/tcmalloc when they are missing and apt-get is there (a peer that is still
-# missing is skipped by run.py with a printed reason).
-BENCH_APT := libjemalloc2 libmimalloc2.0 libtcmalloc-minimal4
+# jemalloc/mimalloc/tcmalloc, and Electric Fence and DUMA for workload (f) (issue 15), when they
+# are missing and apt-get is there (a peer that is still missing is skipped by run.py with a
+# printed reason).
+BENCH_APT := libjemalloc2 libmimalloc2.0 libtcmalloc-minimal4 electric-fence duma
 $(VENV)/.bench-ok: $(VENV)/.build-ok pyproject.toml
 	$(PIP) install --no-build-isolation -e '.[bench]'
 	touch $@
 
 bench-deps: $(VENV)/.bench-ok
 	@if ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2 && \
-	    ldconfig -p | grep -q libmimalloc.so.2 && ldconfig -p | grep -q libtcmalloc_minimal.so.4; then :; \
+	    ldconfig -p | grep -q libmimalloc.so.2 && ldconfig -p | grep -q libtcmalloc_minimal.so.4 && \
+	    ldconfig -p | grep -q libefence.so.0 && ldconfig -p | grep -q libduma.so; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 	  { apt-get update -qq && apt-get install -y -qq $(BENCH_APT); } >/dev/null 2>&1 || \
 	    echo "bench: apt-get install $(BENCH_APT) failed; those peers will be skipped"; \
-	else echo "bench: no apt-get; the jemalloc/mimalloc/tcmalloc peers will be skipped"; fi
+	else echo "bench: no apt-get; the jemalloc/mimalloc/tcmalloc/efence/duma peers will be skipped"; fi
 
 bench: bench-deps
 	$(PY) benchmarks/run.py

@@ -8,6 +8,13 @@
  * replace the malloc that CPython, numpy and pyarrow use, and we would be measuring the whole
  * process instead of one allocator. dlsym on the handle finds the library's own malloc first.
  *
+ * Electric Fence and DUMA need one more flag. Their malloc calls their own memalign (DUMA: its
+ * _duma_allocate ...) through the PLT, and with RTLD_LOCAL alone that call binds to glibc's,
+ * which comes first in the global scope: Electric Fence's free then aborts ("address not from
+ * malloc()") and DUMA refuses to start ("malloc() is not bound to duma"). RTLD_DEEPBIND puts the
+ * library's own definitions ahead of the global scope for its own references only, so the
+ * library is whole inside itself while CPython, numpy and pyarrow keep glibc.
+ *
  * The C loops take a struct bp_pair, the shape goheap's C fast path is plugged in through. A peer
  * reaches its allocator through an adapter (pair -> table -> malloc: two indirect calls); goheap
  * is wrapped by bp_forward_pair so it pays the same two calls and the loop compares allocators,
@@ -48,6 +55,12 @@ static const char *const release_symbol[BP_NPEERS] = {
     [BP_TCMALLOC] = "MallocExtension_ReleaseFreeMemory",
 };
 
+/* The peers whose internal calls must bind inside the library (see the design note). */
+static const bool deep_bind[BP_NPEERS] = {
+    [BP_EFENCE] = true,
+    [BP_DUMA] = true,
+};
+
 /* ------------------------------------------------------------------------------------------ */
 /* Loading the peers                                                                           */
 
@@ -68,7 +81,7 @@ int bp_open(int peer, const char *path)
      * every other C++ extension's operator new stays glibc's: the first mixed free aborts
      * ("Attempt to free invalid pointer"). Loaded on its own first, it binds to itself. */
     dlopen("libstdc++.so.6", RTLD_NOW | RTLD_LOCAL);
-    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL | (deep_bind[peer] ? RTLD_DEEPBIND : 0));
     if (h == NULL)
         return fail(path, dlerror());
     bp_malloc_fn m = (bp_malloc_fn)dlsym(h, "malloc");
@@ -81,8 +94,21 @@ int bp_open(int peer, const char *path)
     tables[peer].malloc = m;
     tables[peer].free = f;
     tables[peer].calloc = (bp_calloc_fn)dlsym(h, "calloc");
-    tables[peer].release = dlsym(h, release_symbol[peer]);
+    tables[peer].release = release_symbol[peer] ? dlsym(h, release_symbol[peer]) : NULL;
     tables[peer].handle = h;
+    return 0;
+}
+
+int bp_peer_int(int peer, const char *symbol, int *out)
+{
+    if (peer <= BP_LIBC || peer >= BP_NPEERS || tables[peer].handle == NULL)
+        return fail("bp_peer_int", "not an opened peer");
+    if (symbol == NULL || out == NULL)
+        return fail("bp_peer_int", "NULL argument");
+    const int *v = dlsym(tables[peer].handle, symbol);
+    if (v == NULL)
+        return fail(symbol, dlerror());
+    *out = *v;
     return 0;
 }
 
@@ -93,6 +119,9 @@ const char *bp_error(void)
 
 uintptr_t bp_malloc_address(int peer)
 {
+    /* 0 for a peer that is not in the table: Python compares it with a library's address. */
+    if (peer < BP_LIBC || peer >= BP_NPEERS)
+        return 0;
     return (uintptr_t)tables[peer].malloc;
 }
 
@@ -108,6 +137,10 @@ uintptr_t bp_mimalloc_malloc(size_t size) { return (uintptr_t)tables[BP_MIMALLOC
 void bp_mimalloc_free(uintptr_t p) { tables[BP_MIMALLOC].free((void *)p); }
 uintptr_t bp_tcmalloc_malloc(size_t size) { return (uintptr_t)tables[BP_TCMALLOC].malloc(size); }
 void bp_tcmalloc_free(uintptr_t p) { tables[BP_TCMALLOC].free((void *)p); }
+uintptr_t bp_efence_malloc(size_t size) { return (uintptr_t)tables[BP_EFENCE].malloc(size); }
+void bp_efence_free(uintptr_t p) { tables[BP_EFENCE].free((void *)p); }
+uintptr_t bp_duma_malloc(size_t size) { return (uintptr_t)tables[BP_DUMA].malloc(size); }
+void bp_duma_free(uintptr_t p) { tables[BP_DUMA].free((void *)p); }
 
 int bp_release(int peer)
 {

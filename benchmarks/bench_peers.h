@@ -11,8 +11,17 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* The C allocators the benchmark compares; BP_LIBC is the process's own glibc. */
-enum bp_peer { BP_LIBC = 0, BP_JEMALLOC = 1, BP_MIMALLOC = 2, BP_TCMALLOC = 3, BP_NPEERS = 4 };
+/* The C allocators the benchmark compares; BP_LIBC is the process's own glibc. Electric Fence
+ * and DUMA are the page-guarding debug allocators workload (f) sets beside goheap's efence. */
+enum bp_peer {
+    BP_LIBC = 0,
+    BP_JEMALLOC = 1,
+    BP_MIMALLOC = 2,
+    BP_TCMALLOC = 3,
+    BP_EFENCE = 4,
+    BP_DUMA = 5,
+    BP_NPEERS = 6
+};
 
 /* An allocator as the C loop sees it: two calls and the context they share. */
 struct bp_pair {
@@ -21,9 +30,14 @@ struct bp_pair {
     void *ctx;
 };
 
-/* dlopen(path, RTLD_NOW | RTLD_LOCAL) and resolve malloc/free (and the peer's "give memory
- * back" call, when it has one) into the peer's table. 0 on success, -1 with bp_error() set. */
+/* dlopen(path, RTLD_NOW | RTLD_LOCAL, plus RTLD_DEEPBIND for Electric Fence and DUMA) and
+ * resolve malloc/free (and the peer's "give memory back" call, when it has one) into the peer's
+ * table. 0 on success, -1 with bp_error() set. */
 int bp_open(int peer, const char *path);
+/* Read the int variable `symbol` that an opened peer exports (Electric Fence's EF_ALIGNMENT,
+ * EF_PROTECT_FREE ...: after its first malloc they hold the values in force). 0 on success, -1
+ * with bp_error() set when the peer is not open or has no such symbol. */
+int bp_peer_int(int peer, const char *symbol, int *out);
 const char *bp_error(void);
 /* The address of the malloc the table holds, so Python can check it is the library's own. */
 uintptr_t bp_malloc_address(int peer);
@@ -39,6 +53,10 @@ uintptr_t bp_mimalloc_malloc(size_t size);
 void bp_mimalloc_free(uintptr_t p);
 uintptr_t bp_tcmalloc_malloc(size_t size);
 void bp_tcmalloc_free(uintptr_t p);
+uintptr_t bp_efence_malloc(size_t size);
+void bp_efence_free(uintptr_t p);
+uintptr_t bp_duma_malloc(size_t size);
+void bp_duma_free(uintptr_t p);
 
 /* Ask the peer to return freed memory to the OS (malloc_trim, arena purge, mi_collect,
  * ReleaseFreeMemory). 0 when it did, -1 when the peer has no such call. */

@@ -17,6 +17,15 @@ against calloc, and ``malloc(n, zero=False)`` against malloc. jemalloc, mimalloc
 through the same module, dlopen'ed with RTLD_LOCAL from Debian's packages, so their call cost
 matches glibc's and the process's own malloc is not replaced. A peer that is not installed is
 skipped with a reason that says how to install it; nothing is skipped silently.
+
+Electric Fence and DUMA, the page-guarding debug allocators, go through the same table but are
+not general peers: a live heap of 100,000 objects would need 200,000 kernel mappings from them
+(vm.max_map_count is 65,530 by default) and they cost tens of microseconds per call, so only
+workload (f) loads them, with ``load_efence_peers()``. They are dlopen'ed with RTLD_DEEPBIND too
+(bench_peers.c says why). Each runs with its own defaults, read back and recorded in its note,
+except DUMA's DUMA_PROTECT_FREE: its default (-1) never reuses freed memory, so a loop of round
+trips exhausts vm.max_map_count and DUMA aborts the process; the benchmark sets 0, freed memory
+back to DUMA's pool, which is also Electric Fence's default (EF_PROTECT_FREE=0).
 """
 
 from __future__ import annotations
@@ -45,14 +54,25 @@ C_PEERS = {
     "cffi-mimalloc": (2, "libmimalloc.so.2", "libmimalloc2.0"),
     "cffi-tcmalloc": (3, "libtcmalloc_minimal.so.4", "libtcmalloc-minimal4"),
 }
-C_PEER_INDEX = {"cffi-libc": 0, **{name: spec[0] for name, spec in C_PEERS.items()}}
+# The page-guarding debug allocators, for workload (f) only (same shape as C_PEERS).
+EFENCE_PEERS = {
+    "cffi-efence": (4, "libefence.so.0", "electric-fence"),
+    "cffi-duma": (5, "libduma.so.0", "duma"),
+}
+C_PEER_INDEX = {
+    "cffi-libc": 0,
+    **{name: spec[0] for name, spec in (C_PEERS | EFENCE_PEERS).items()},
+}
 APT_HINT = "apt-get install -y libjemalloc2 libmimalloc2.0 libtcmalloc-minimal4"
+EFENCE_APT_HINT = "apt-get install -y electric-fence duma"
 
 RELEASE_LABEL = {  # what bp_release() calls for each C peer
     "libc": "malloc_trim(0)",
     "jemalloc": 'mallctl("arena.4096.purge")',
     "mimalloc": "mi_collect(true)",
     "tcmalloc": "MallocExtension_ReleaseFreeMemory()",
+    "efence": "",  # neither debug allocator gives memory back on request
+    "duma": "",
 }
 
 OS_PAGE = mmap.PAGESIZE
@@ -169,7 +189,7 @@ def _c_peer(mod: Any, name: str) -> Peer:
             "release_": lib.bp_release,
             "idx": idx,
         },
-        release="release_(idx)",
+        release="release_(idx)" if RELEASE_LABEL[short] else None,
         release_label=RELEASE_LABEL[short],
         kind="c",
         note="glibc malloc/free through cffi API mode (the reference)"
@@ -211,6 +231,81 @@ def load_c_peers(
             skipped.append((name, reason))
             continue
         peers.append(_c_peer(mod, name))
+    return peers, skipped
+
+
+# Environment the debug allocators read when they start, set only while they load (their first
+# malloc reads it) and restored after. setdefault semantics: a value the user exported wins.
+# The banners change nothing but stderr. DUMA_PROTECT_FREE: see the module's docstring.
+EFENCE_ENV = {
+    "cffi-efence": {"EF_DISABLE_BANNER": "1"},
+    "cffi-duma": {"DUMA_DISABLE_BANNER": "1", "DUMA_PROTECT_FREE": "0"},
+}
+# Electric Fence's settings, exported as ints: -1 before its first malloc, the values in force after.
+EF_SETTINGS = (
+    "EF_ALIGNMENT",
+    "EF_PROTECT_BELOW",
+    "EF_PROTECT_FREE",
+    "EF_ALLOW_MALLOC_0",
+    "EF_FILL",
+)
+DUMA_SETTINGS = ("DUMA_ALIGNMENT", "DUMA_PROTECT_BELOW", "DUMA_PROTECT_FREE", "DUMA_MAX_ALLOC")
+
+
+def max_map_count() -> int | None:
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _efence_settings(mod: Any, name: str, idx: int, set_env: dict[str, str]) -> str:
+    """What a loaded debug allocator runs with, for its note: Electric Fence's values read back
+    from the library; DUMA keeps its settings in a private struct, so the environment it read
+    (what the benchmark set, what the user exported, or "default")."""
+    if name == "cffi-efence":
+        out = []
+        for sym in EF_SETTINGS:
+            v = mod.ffi.new("int *")
+            if mod.lib.bp_peer_int(idx, sym.encode(), v) == 0:
+                out.append(f"{sym}={v[0]}")
+        return " ".join(out)
+    return " ".join(
+        f"{var}={set_env.get(var, os.environ.get(var, 'default'))}"
+        + (" (set by the benchmark)" if var in set_env else "")
+        for var in DUMA_SETTINGS
+    )
+
+
+def load_efence_peers(mod: Any) -> tuple[list[Peer], list[tuple[str, str]]]:
+    """Electric Fence and DUMA as C peers (workload f), or (name, reason) for each that cannot
+    load. Each is opened, started by one malloc+free under EFENCE_ENV, and checked to hand out
+    a pointer its own free takes back."""
+    peers, skipped = [], []
+    for name, (idx, soname, package) in EFENCE_PEERS.items():
+        set_env = {k: v for k, v in EFENCE_ENV[name].items() if k not in os.environ}
+        os.environ.update(set_env)
+        try:
+            if mod.lib.bp_open(idx, soname.encode()) != 0:
+                reason = mod.ffi.string(mod.lib.bp_error()).decode(errors="replace")
+                if "No such file" in reason or "cannot open" in reason:
+                    reason += f" (install Debian's {package}: {EFENCE_APT_HINT})"
+                skipped.append((name, reason))
+                continue
+            peer = _c_peer(mod, name)
+            p = peer.ns["malloc"](64)
+            if p == 0:
+                skipped.append((name, f"{soname}: malloc(64) returned NULL"))
+                continue
+            peer.ns["free"](p)
+        finally:
+            for k in set_env:
+                del os.environ[k]
+        peer.note = (
+            f"{soname} from Debian's {package}, dlopen RTLD_LOCAL|RTLD_DEEPBIND, same call shape; "
+            f"{_efence_settings(mod, name, idx, set_env)}; vm.max_map_count={max_map_count()}"
+        )
+        peers.append(peer)
     return peers, skipped
 
 
@@ -373,6 +468,8 @@ def library_paths() -> dict[str, str]:
                 "libjemalloc",
                 "libmimalloc",
                 "libtcmalloc_minimal",
+                "libefence",
+                "libduma",
                 "libc.so",
                 "libarrow.so",
             ):

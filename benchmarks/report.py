@@ -61,7 +61,7 @@ def machine_info() -> dict[str, Any]:
         info["threads_in_process"] = psutil.Process().num_threads()
     except ImportError:
         pass
-    for pkg in ("libjemalloc2", "libmimalloc2.0", "libtcmalloc-minimal4"):
+    for pkg in ("libjemalloc2", "libmimalloc2.0", "libtcmalloc-minimal4", "electric-fence", "duma"):
         try:
             v = subprocess.run(
                 ["dpkg-query", "-W", "-f", "${Version}", pkg],

@@ -17,9 +17,10 @@ The suite, one module per concern (benchmarks/ is not a package; this script put
   calloc+free ("cffi-libc calloc") through that module.
 - ``workloads/``: one module per workload, found by ``workloads.discover()``: (a) round trip of
   one size, 8 B..4 MiB; (b) random batches; (c) large objects written; (d) scaling with the live
-  heap, and large malloc+free against 10..100,000 free spans; (e) RSS; (f) efence; (g) the C
-  loop; (h) distinct large sizes. Each declares its cases and its targets; a new workload is one
-  small file there.
+  heap, and large malloc+free against 10..100,000 free spans; (e) RSS; (f) efence, with
+  Electric Fence and DUMA, and sampled efence; (g) the C loop; (h) distinct large sizes; (i)
+  np.empty under goheap's NumPy handler. Each declares its cases and its targets; a new workload
+  is one small file there.
 - ``targets.py``: judging a measured value against a limit, and the statuses.
 - ``report.py``: the printed tables, ``--markdown`` (the README's summary), the PNG.
 
@@ -94,7 +95,8 @@ def run(cfg: H.Config, args: argparse.Namespace) -> dict:
         bench.heap.close()
     results = bench.results
     results["skipped"] = [{"peer": n, "reason": r} for n, r in bench.skipped]
-    results["peers"] = {p.name: p.note for p in bench.peers}
+    # Peers a workload loaded for itself (f's Electric Fence and DUMA) leave their notes here.
+    results["peers"] = {p.name: p.note for p in bench.peers} | results.pop("peer_notes", {})
     results["seconds"] = time.time() - t0
     return results
 
