@@ -226,11 +226,12 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     fig, axes = plt.subplots(rows, cols, figsize=(16, 4.6 * rows), squeeze=False)
     flat = [ax for row in axes for ax in row]
     palette = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]
+    fixed = {"goheap": "black", "goheap zero=False": "dimgray", "goheap efence": "crimson"}
     all_names: list[str] = []
     for k in bar_keys + line_keys:
-        all_names += [n for n in row_names(wls[k]) if n not in all_names and "goheap" not in n]
+        all_names += [n for n in row_names(wls[k]) if n not in all_names and n not in fixed]
     color: dict[str, Any] = {n: palette[i % len(palette)] for i, n in enumerate(all_names)}
-    color.update({"goheap": "black", "goheap zero=False": "dimgray", "goheap efence": "crimson"})
+    color.update(fixed)
     axes_left = iter(flat)
     for k in bar_keys:
         bars(next(axes_left), wls[k], color)
