@@ -8,6 +8,9 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 # The C core is rebuilt whenever one of these changes.
 BUILD_INPUTS := goheap/_sys.c goheap/_pyfast.c goheap/_nphandler.c goheap/_sys.h goheap/_sys.cdef build_ffi.py setup.py pyproject.toml
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): the suite is mostly waiting on syscalls and
+# child processes, so two workers halve its wall time on a 2-core machine.
+PYTEST_JOBS ?= 2
 
 .PHONY: venv build test demo bench bench-quick bench-deps lint clean
 
@@ -25,7 +28,7 @@ $(VENV)/.build-ok: $(VENV)/.venv-ok $(BUILD_INPUTS)
 	touch $@
 
 test: build
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_JOBS) $(PYTEST_ARGS)
 
 # Platform lanes (lanes/*.sh; README "Platforms").  test-pagesize runs the suite
 # as a 16 KiB- and a 64 KiB-page process (LD_PRELOAD shim, tests/pageshim/);
@@ -101,7 +104,7 @@ sanitize:
 	@mkdir -p $(ASAN_DIR)/src
 	test -x $(ASAN_DIR)/venv/bin/python || $(PYTHON) -m venv $(ASAN_DIR)/venv
 	$(ASAN_DIR)/venv/bin/python -m pip --disable-pip-version-check -q install \
-	  "setuptools>=77" wheel "cffi>=1.16" "psutil>=5.9" "pytest>=7" "hypothesis>=6.80" "numpy>=1.24"
+	  "setuptools>=77" wheel "cffi>=1.16" "psutil>=5.9" "pytest>=7" "pytest-xdist>=3" "hypothesis>=6.80" "numpy>=1.24"
 	tar --exclude=./.venv --exclude=./build --exclude=./lanes/work --exclude=./.git \
 	  --exclude='./goheap/_ffi*' -cf - . | tar -xf - -C $(ASAN_DIR)/src
 	cd $(ASAN_DIR)/src && GOHEAP_CFLAGS="$(SAN_FLAGS)" GOHEAP_LDFLAGS="-fsanitize=address,undefined" \
