@@ -21,7 +21,14 @@ from goheap.errors import (
     InvalidFree,
     OutOfMemory,
 )
-from goheap.malloc import MAX_ARENA32, TRACEMALLOC_DOMAIN, Block, Heap, enable_tracemalloc
+from goheap.malloc import (
+    MAX_ARENA32,
+    TRACEMALLOC_DOMAIN,
+    Block,
+    Heap,
+    enable_tracemalloc,
+    install_fault_reporter,
+)
 from goheap.mstats import BySize, MStats
 from goheap.numpy_handler import numpy_allocator
 from goheap.sizeclasses import (
@@ -57,6 +64,7 @@ __all__ = [
     "class_to_allocnpages",
     "class_to_size",
     "enable_tracemalloc",
+    "install_fault_reporter",
     "numpy_allocator",
     "roundupsize",
     "size_to_class",

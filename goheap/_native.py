@@ -118,9 +118,44 @@ def sys_free(v: int, n: int, pagesize: int) -> None:
 
 
 def install_fault_reporter() -> None:
-    """SIGSEGV/SIGBUS print "goheap: SIGSEGV at 0x<address>" to stderr, then the
-    process dies of the signal as before (efence diagnosis; for child processes)."""
+    """The C SIGSEGV/SIGBUS reporter (efence diagnosis): one "goheap: <kind> at
+    0x<address>: ..." line for a fault in a registered heap, then the handler
+    it replaced runs (see _sys.c's "Fault reporter").  Idempotent."""
     ensure(lib.gh_fault_reporter_install(), "fault_reporter_install")
+
+
+def fault_reporter_installed() -> bool:
+    """Whether the reporter is SIGSEGV's and SIGBUS's handler right now."""
+    return bool(lib.gh_fault_reporter_installed())
+
+
+def fault_register(h: Any) -> bool:
+    """Put heap h in the reporter's registry; False if the registry is full
+    (GH_FAULT_MAX_HEAPS live heaps): then its faults get no goheap line.
+    gh_mheap_close takes it out."""
+    st = int(lib.gh_fault_register(h))
+    if st not in (OK, EBUSY):
+        ensure(st, "fault_register")
+    return st == OK
+
+
+FAULT_MAX_HEAPS: int = lib.GH_FAULT_MAX_HEAPS
+
+
+# ---- sampled efence -------------------------------------------------------------
+
+
+def efence_sample_init(h: Any, rate: int, seed: int) -> None:
+    """Start (rate N >= 1) or stop (0) h's sampling countdown (_sys.c)."""
+    ensure(lib.gh_efence_sample_init(h, rate, seed & ((1 << 64) - 1)), "efence_sample_init", rate)
+
+
+def efence_sample_take(h: Any, tick: bool) -> bool:
+    """Whether the allocation at hand is sampled: one sample C drew is used
+    up.  tick: count it first (it never reached the fast path).  False on a
+    closed heap (the caller's path raises HeapClosed)."""
+    out = ffi.new("int *")
+    return lib.gh_efence_sample_take(h, int(tick), out) == OK and bool(out[0])
 
 
 def gil_held_in_call() -> bool:

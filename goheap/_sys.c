@@ -262,6 +262,55 @@ static inline int heap_lock_open(gh_mheap *h)
 }
 
 /* ------------------------------------------------------------------------
+ * Heap registry (what the fault reporter may search)
+ *
+ * The reporter runs in a signal handler: it may take no lock a faulting
+ * thread could hold (h->lock included) and may call only async-signal-safe
+ * functions.  So the heaps it searches sit in a fixed array of pointers,
+ * changed only by atomic compare-and-swap.  A reporter announces itself in
+ * fault_active before it reads a slot; registry_remove empties the slot and
+ * then waits until no reporter is active, so a heap is never unmapped under
+ * a reporter reading it.  Both sides are sequentially consistent: either the
+ * reporter finds the slot empty or the remover sees the reporter.
+ * ------------------------------------------------------------------------ */
+
+static gh_mheap *fault_heaps[GH_FAULT_MAX_HEAPS];
+static int fault_active; /* reporters reading fault_heaps (any thread) */
+
+/* Add h (idempotent).  GH_EBUSY when every slot is taken: the heap works
+ * as before, and a fault in it is passed on without a goheap line. */
+int gh_fault_register(gh_mheap *h)
+{
+    int i;
+    if (h == NULL)
+        return GH_EARG;
+    for (i = 0; i < GH_FAULT_MAX_HEAPS; i++)
+        if (__atomic_load_n(&fault_heaps[i], __ATOMIC_SEQ_CST) == h)
+            return GH_OK;
+    for (i = 0; i < GH_FAULT_MAX_HEAPS; i++) {
+        gh_mheap *expected = NULL;
+        if (__atomic_compare_exchange_n(&fault_heaps[i], &expected, h, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST))
+            return GH_OK;
+    }
+    return GH_EBUSY;
+}
+
+/* Take h out (if it is in) and wait for every reporter that may have read
+ * it.  Called by gh_mheap_close, before Python unmaps anything. */
+static void registry_remove(gh_mheap *h)
+{
+    int i;
+    for (i = 0; i < GH_FAULT_MAX_HEAPS; i++) {
+        gh_mheap *expected = h;
+        __atomic_compare_exchange_n(&fault_heaps[i], &expected, NULL, 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_SEQ_CST);
+    }
+    while (__atomic_load_n(&fault_active, __ATOMIC_SEQ_CST) != 0)
+        sched_yield();
+}
+
+/* ------------------------------------------------------------------------
  * GC bitmap
  *
  * Four bits per heap word, grouped by kind: in the bitmap word describing
@@ -650,6 +699,77 @@ int gh_mcentral_list(gh_mheap *h, uint32_t cl, uintptr_t *out, uintptr_t max, ui
 }
 
 /* ------------------------------------------------------------------------
+ * Sampled efence countdown (Heap(efence_sample=N))
+ *
+ * GWP-ASan's scheme, kept per heap rather than per thread (this file keeps
+ * no thread-local state, and every allocation already holds h->lock): count
+ * allocations down; the one that reaches zero is sampled, and the count is
+ * re-armed with an interval drawn uniformly from [1, 2N-1].  Its mean is
+ * exactly N (GWP-ASan draws from [1, 2N], mean N + 1/2), and N = 1 samples
+ * every allocation.  Random rather than every N-th, so that a program whose
+ * allocations repeat with a period that divides N does not always sample the
+ * same call site.  The generator is xorshift64 (13, 7, 17): two shifts and
+ * xors per sample; nothing needs more from it.  Caller holds h->lock.
+ * ------------------------------------------------------------------------ */
+
+static uint32_t sample_interval(gh_mheap *h)
+{
+    uint64_t x = h->sample_rng;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    h->sample_rng = x;
+    return (uint32_t)(1 + x % (2 * (uint64_t)h->sample_rate - 1));
+}
+
+/* The cold half: once every N allocations on average. */
+static __attribute__((noinline)) void sample_rearm(gh_mheap *h)
+{
+    h->sample_left = sample_interval(h);
+    h->sample_pending++;
+}
+
+/* Count one allocation; 1 if it is the one sampled (then it must miss). */
+static inline int sample_due(gh_mheap *h)
+{
+    if (__builtin_expect(h->sample_left == 0 || --h->sample_left != 0, 1))
+        return 0;
+    sample_rearm(h);
+    return 1;
+}
+
+int gh_efence_sample_init(gh_mheap *h, uint32_t rate, uint64_t seed)
+{
+    if (h == NULL || rate >= (1U << 31))
+        return GH_EARG;
+    if (!heap_lock_open(h))
+        return GH_EARG;
+    h->sample_rate = rate;
+    h->sample_pending = 0;
+    h->sample_rng = seed != 0 ? seed : 0x9e3779b97f4a7c15ULL; /* xorshift's one bad state is 0 */
+    h->sample_left = rate != 0 ? sample_interval(h) : 0;
+    heap_unlock(h);
+    return GH_OK;
+}
+
+/* The slow path's question "is this allocation sampled?".  tick: the
+ * allocation never reached the fast path (an alignment, a size that is not
+ * a plain int), so it is counted here. */
+int gh_efence_sample_take(gh_mheap *h, int tick, int *out)
+{
+    if (h == NULL || out == NULL)
+        return GH_EARG;
+    if (!heap_lock_open(h))
+        return GH_EARG;
+    if (tick)
+        (void)sample_due(h);
+    *out = h->sample_pending != 0;
+    h->sample_pending -= (uint64_t)*out;
+    heap_unlock(h);
+    return GH_OK;
+}
+
+/* ------------------------------------------------------------------------
  * MCache fast path
  *
  * Alloc pops the head of the class's cached span, and when that span is
@@ -684,6 +804,10 @@ static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero)
                       : h->size_to_class128[(size - 1024 + 127) >> 7];
     if (!heap_lock_open(h))
         return (uintptr_t)-GH_EARG;
+    if (sample_due(h)) {
+        heap_unlock(h);
+        return (uintptr_t)-GH_MISS; /* sampled: the slow path makes an efence object */
+    }
     if (h->frozen) {
         heap_unlock(h);
         return (uintptr_t)-GH_MISS; /* the slow path waits for check() */
@@ -851,7 +975,7 @@ static uintptr_t large_alloc(gh_mheap *h, uintptr_t size, int zero)
     uintptr_t v;
     if (!heap_lock_open(h))
         return (uintptr_t)-GH_EARG;
-    v = h->frozen ? 0 : lcache_alloc(h, size, zero);
+    v = (sample_due(h) || h->frozen) ? 0 : lcache_alloc(h, size, zero); /* sampled: miss */
     heap_unlock(h);
     return v != 0 ? v : (uintptr_t)-GH_MISS;
 }
@@ -1135,7 +1259,8 @@ int gh_mheap_freeze(gh_mheap *h, int frozen)
 /* Close h for every C call: the arena fields, the mcache and the nonempty
  * lists are cleared under the lock, so a call that holds it now finishes
  * first and every later one sees a closed heap (heap_lock_open) and touches
- * nothing.  Only then may Python give the memory back. */
+ * nothing; the fault reporter's registry lets go of h too.  Only then may
+ * Python give the memory back. */
 int gh_mheap_close(gh_mheap *h)
 {
     uint32_t cl;
@@ -1147,6 +1272,7 @@ int gh_mheap_close(gh_mheap *h)
         h->alloc[cl] = h->nonempty[cl] = NULL;
     h->frozen = 0;
     heap_unlock(h);
+    registry_remove(h); /* the fault reporter stops reading h before any unmap */
     return GH_OK;
 }
 
@@ -1202,59 +1328,294 @@ int gh_mcache_counts(gh_mheap *h, uint64_t *nmalloc, uint64_t *nfree)
 /* ------------------------------------------------------------------------
  * Fault reporter (efence diagnosis)
  *
- * efence turns a use-after-free or an overrun into SIGSEGV at the faulting
- * instruction; this handler says where.  It writes one line,
- * "goheap: SIGSEGV at 0x<si_addr>\n", to stderr and lets the signal kill the
- * process as before, so the exit status still says SIGSEGV (or SIGBUS).  Only
- * async-signal-safe calls: write(2) and raise(3); SA_RESETHAND puts the
- * default action back before the handler runs, so the raise (and, for a
- * hardware fault, the re-executed instruction) is fatal.  Installing it
- * replaces any earlier handler (Python's faulthandler included): it is meant
- * for child processes that are expected to die.
+ * efence turns an overrun or a use-after-free into SIGSEGV (SIGBUS on some
+ * systems) at the faulting instruction; this handler says what was hit.  For
+ * a fault inside the mapped arena of a registered heap it writes ONE line to
+ * stderr, from C data alone (the spans table and the span struct):
+ *
+ *   goheap: <kind> at 0x<addr>: <n> bytes <past|before|into> object 0x<base>
+ *   (<size> bytes), span 0x<start>+<npages> pages
+ *
+ * (one line in reality; "1 byte", "1 page" in the singular).  <kind>:
+ *   use-after-free  the span is FAULTED: its object was freed;
+ *   overrun         a live object's span, at or past the object's end (its guard);
+ *   underrun        a live object's span, before the object (guard="before");
+ *   guard           a faulted page of a live object's span inside the object
+ *                   (its protection was changed behind goheap's back).
+ * <n> counts as Heap.explain does: "1 byte past" is the first byte after the
+ * object, "n bytes before" its start, "n bytes into" from its first byte (0).
+ * An arena address with no such object (a free or small span, no span)
+ * gets "goheap: wild access at 0x<addr>: no efence object there, span
+ * 0x<start>+<npages> pages" (or ", heap 0x<arena_start>" without a span).
+ * A fault outside every registered heap, or a signal some process sent
+ * (si_code <= 0: its si_addr is no address), gets no line.
+ *
+ * Then the signal goes on to the handler this one replaced, so Python's
+ * faulthandler (or a sanitizer's) still prints its stack: SA_SIGINFO -> its
+ * sa_sigaction; a plain handler -> its sa_handler (SA_RESETHAND honoured);
+ * SIG_DFL -> reset to it and re-raise, so the process dies of the signal as
+ * it would have; SIG_IGN -> nothing for a sent signal, but a real fault is
+ * fatal (re-running the instruction would fault forever; the kernel kills a
+ * process that ignores a real fault too).  If that handler returns, so does
+ * this one and the instruction runs again: a repeat of the address last
+ * reported writes no second line.
+ *
+ * Cycles.  Installed again on top of a handler that itself chains back to
+ * this one (faulthandler enabled after the first install: its "previous" is
+ * goheap), the re-raise that handler sends after its report would come back
+ * here and go round forever; so a sent signal arriving after a real fault
+ * was passed on is fatal (SIG_DFL, re-raise).  Installed under faulthandler
+ * (goheap first), faulthandler sees the fault first, prints its stack and
+ * re-raises: that is a sent signal, passed on untouched, and no goheap line
+ * is written; install (again) after faulthandler.enable() to get both.
+ *
+ * Async-signal-safe: write(2), sigaction(2), sigemptyset, raise(3), memset
+ * and atomics; no malloc, no stdio, no lock (the faulting thread may hold
+ * h->lock).  The heap is read without its lock while another thread may be
+ * changing it: every pointer is checked before it is followed, so a torn
+ * read gives at worst a wrong line.  The one unguarded case: a span struct
+ * given back to the OS between the table read and the struct read, which
+ * takes a concurrent quarantine retirement of that very span; the process
+ * then dies of the nested fault, without the line.
  * ------------------------------------------------------------------------ */
 
 #include <signal.h>
 
-static void fault_report(int sig, siginfo_t *si, void *ctx)
+typedef struct {
+    char b[240];
+    size_t n;
+} fault_line;
+
+static void line_str(fault_line *l, const char *s)
 {
-    static const char hex[] = "0123456789abcdef";
-    char buf[64];
-    const char *name = sig == SIGBUS ? "SIGBUS" : "SIGSEGV";
-    uintptr_t a = (uintptr_t)si->si_addr;
-    size_t n = 0, i;
-    int shift;
-    (void)ctx;
-    memcpy(buf, "goheap: ", 8);
-    n = 8;
-    for (i = 0; name[i] != '\0'; i++)
-        buf[n++] = name[i];
-    if (si->si_code <= 0) {
-        /* kill(2) or raise(3): si_addr holds no address. */
-        memcpy(buf + n, " sent by a process", 18);
-        n += 18;
-    } else {
-        memcpy(buf + n, " at 0x", 6);
-        n += 6;
-        for (shift = 60; shift > 0 && ((a >> shift) & 0xf) == 0; shift -= 4)
-            ;
-        for (; shift >= 0; shift -= 4)
-            buf[n++] = hex[(a >> shift) & 0xf];
-    }
-    buf[n++] = '\n';
-    while (write(2, buf, n) < 0 && errno == EINTR)
-        ;
-    raise(sig);
+    while (*s != '\0' && l->n < sizeof l->b - 1)
+        l->b[l->n++] = *s++;
 }
 
-/* Install the reporter for SIGSEGV and SIGBUS.  0, or the errno of sigaction. */
-int gh_fault_reporter_install(void)
+static void line_num(fault_line *l, uintptr_t v, unsigned base)
 {
-    struct sigaction sa;
+    static const char digits[] = "0123456789abcdef";
+    char tmp[24];
+    size_t k = 0;
+    if (base == 16)
+        line_str(l, "0x");
+    do {
+        tmp[k++] = digits[v % base];
+        v /= base;
+    } while (v != 0);
+    while (k > 0 && l->n < sizeof l->b - 1)
+        l->b[l->n++] = tmp[--k];
+}
+
+/* "<n> byte(s) <what>" */
+static void line_count(fault_line *l, uintptr_t n, const char *unit, const char *what)
+{
+    line_num(l, n, 10);
+    line_str(l, " ");
+    line_str(l, unit);
+    if (n != 1)
+        line_str(l, "s");
+    line_str(l, what);
+}
+
+/* The line for address a in span s (or none) of the heap whose arena starts
+ * at arena_start; s has been checked to hold a. */
+static void fault_describe_span(fault_line *l, const gh_mspan *s, uintptr_t a,
+                                uintptr_t arena_start)
+{
+    uintptr_t base = 0, size = 0, end;
+    const char *kind = "wild access";
+    if (s != NULL && (s->state == GH_MSPAN_FAULTED ||
+                      (s->state == GH_MSPAN_IN_USE && s->sizeclass == 0))) {
+        base = s->base;
+        size = s->elemsize;
+        end = base + size;
+        kind = s->state == GH_MSPAN_FAULTED ? "use-after-free"
+               : a >= end                   ? "overrun"
+               : a < base                   ? "underrun"
+                                            : "guard";
+    }
+    line_str(l, "goheap: ");
+    line_str(l, kind);
+    line_str(l, " at ");
+    line_num(l, a, 16);
+    if (size != 0 || base != 0) {
+        end = base + size;
+        line_str(l, ": ");
+        if (a >= end)
+            line_count(l, a - end + 1, "byte", " past object ");
+        else if (a < base)
+            line_count(l, base - a, "byte", " before object ");
+        else
+            line_count(l, a - base, "byte", " into object ");
+        line_num(l, base, 16);
+        line_str(l, " (");
+        line_count(l, size, "byte", ")");
+    } else {
+        line_str(l, ": no efence object there");
+    }
+    if (s != NULL) {
+        line_str(l, ", span ");
+        line_num(l, s->start, 16);
+        line_str(l, "+");
+        line_count(l, s->npages, "page", "");
+    } else {
+        line_str(l, ", heap ");
+        line_num(l, arena_start, 16);
+    }
+    line_str(l, "\n");
+}
+
+/* Whether a lies in the mapped arena of a registered heap; if so, its line
+ * goes into l.  The caller has announced itself in fault_active. */
+static int fault_describe(uintptr_t a, fault_line *l)
+{
+    int i;
+    for (i = 0; i < GH_FAULT_MAX_HEAPS; i++) {
+        gh_mheap *h = __atomic_load_n(&fault_heaps[i], __ATOMIC_SEQ_CST);
+        uintptr_t start, used, spans, npages;
+        gh_mspan *s;
+        if (h == NULL)
+            continue;
+        start = __atomic_load_n(&h->arena_start, __ATOMIC_RELAXED);
+        used = __atomic_load_n(&h->arena_used, __ATOMIC_RELAXED);
+        spans = __atomic_load_n(&h->spans, __ATOMIC_RELAXED);
+        if (start == 0 || spans == 0 || a < start || a >= used)
+            continue;
+        s = __atomic_load_n(spans_slot(h, a), __ATOMIC_RELAXED);
+        if (s != NULL && (uintptr_t)s % sizeof(uintptr_t) == 0) {
+            npages = s->npages;
+            if (a < s->start || npages > ((used - start) >> GH_PAGE_SHIFT) ||
+                a - s->start >= (npages << GH_PAGE_SHIFT))
+                s = NULL; /* a stale entry (a free span's inner page): no span */
+        } else {
+            s = NULL;
+        }
+        fault_describe_span(l, s, a, start);
+        return 1;
+    }
+    return 0;
+}
+
+static struct sigaction fault_prev[2]; /* what was replaced: [0] SIGSEGV, [1] SIGBUS */
+static int fault_chained;              /* a real fault has been passed on */
+static uintptr_t fault_last;           /* the address of the last line written */
+
+static void fault_reset_default(int sig)
+{
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    (void)sigaction(sig, &dfl, NULL);
+}
+
+/* Die of sig as if no handler had been there: the raise stays pending while
+ * sig is blocked (this handler's frame) and fires, fatally, on return. */
+static void fault_die(int sig)
+{
+    fault_reset_default(sig);
+    (void)raise(sig);
+}
+
+static void fault_report(int sig, siginfo_t *si, void *ctx);
+
+/* Pass sig on to the handler fault_report replaced (see the section note). */
+static void fault_chain(int sig, siginfo_t *si, void *ctx, int real)
+{
+    const struct sigaction *p = &fault_prev[sig == SIGBUS];
+    if (p->sa_handler == SIG_DFL) {
+        fault_die(sig);
+    } else if (p->sa_handler == SIG_IGN) {
+        if (real)
+            fault_die(sig);
+    } else if (p->sa_flags & SA_SIGINFO) {
+        if (p->sa_sigaction == fault_report) {
+            fault_die(sig); /* never chain to itself */
+            return;
+        }
+        if (p->sa_flags & SA_RESETHAND)
+            fault_reset_default(sig);
+        p->sa_sigaction(sig, si, ctx);
+    } else {
+        if (p->sa_flags & SA_RESETHAND)
+            fault_reset_default(sig);
+        p->sa_handler(sig);
+    }
+}
+
+static void fault_report(int sig, siginfo_t *si, void *ctx)
+{
+    int saved_errno = errno;
+    int real = si != NULL && si->si_code > 0;
+    if (real) {
+        fault_line l;
+        uintptr_t a = (uintptr_t)si->si_addr;
+        int found;
+        l.n = 0;
+        __atomic_add_fetch(&fault_active, 1, __ATOMIC_SEQ_CST);
+        found = fault_describe(a, &l);
+        __atomic_sub_fetch(&fault_active, 1, __ATOMIC_SEQ_CST);
+        if (found && __atomic_exchange_n(&fault_last, a, __ATOMIC_SEQ_CST) != a) {
+            size_t off = 0;
+            while (off < l.n) {
+                ssize_t w = write(2, l.b + off, l.n - off);
+                if (w > 0)
+                    off += (size_t)w;
+                else if (w < 0 && errno == EINTR)
+                    continue;
+                else
+                    break;
+            }
+        }
+        __atomic_store_n(&fault_chained, 1, __ATOMIC_SEQ_CST);
+    } else if (__atomic_load_n(&fault_chained, __ATOMIC_SEQ_CST)) {
+        fault_die(sig); /* the re-raise of a fault already passed on: it ends here */
+        errno = saved_errno;
+        return;
+    }
+    fault_chain(sig, si, ctx, real);
+    errno = saved_errno;
+}
+
+static int fault_is_ours(const struct sigaction *sa)
+{
+    return (sa->sa_flags & SA_SIGINFO) && sa->sa_sigaction == fault_report;
+}
+
+/* Install for sig, remembering what it replaces in *prev; nothing if the
+ * reporter is sig's handler already (it must never chain to itself). */
+static int fault_install_one(int sig, struct sigaction *prev)
+{
+    struct sigaction cur, sa;
+    if (sigaction(sig, NULL, &cur) != 0)
+        return errno;
+    if (fault_is_ours(&cur))
+        return GH_OK;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = fault_report;
-    sa.sa_flags = SA_SIGINFO | SA_RESETHAND | SA_ONSTACK;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK; /* on faulthandler's alternate stack if there is one */
     sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGSEGV, &sa, NULL) != 0 || sigaction(SIGBUS, &sa, NULL) != 0)
+    *prev = cur; /* before the switch: a fault right after it finds prev set */
+    if (sigaction(sig, &sa, NULL) != 0)
         return errno;
     return GH_OK;
+}
+
+/* Install the reporter for SIGSEGV and SIGBUS (idempotent).  0, or the
+ * errno of sigaction. */
+int gh_fault_reporter_install(void)
+{
+    int st = fault_install_one(SIGSEGV, &fault_prev[0]);
+    return st != GH_OK ? st : fault_install_one(SIGBUS, &fault_prev[1]);
+}
+
+/* 1 if the reporter is SIGSEGV's and SIGBUS's handler now (another
+ * handler installed later, or faulthandler.disable(), may have replaced it). */
+int gh_fault_reporter_installed(void)
+{
+    struct sigaction a, b;
+    if (sigaction(SIGSEGV, NULL, &a) != 0 || sigaction(SIGBUS, NULL, &b) != 0)
+        return 0;
+    return fault_is_ours(&a) && fault_is_ours(&b);
 }

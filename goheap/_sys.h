@@ -136,6 +136,15 @@ typedef struct gh_mheap {
      * a peak derived from the counts would be known only at stats() time. */
     uint64_t  live_bytes;
     uint64_t  peak_bytes;    /* max of live_bytes since creation or reset */
+    /* Sampled efence (Heap(efence_sample=N)): every allocation that reaches
+     * C counts sample_left down; the one that takes it to zero misses, adds
+     * one to sample_pending (Python's slow path takes it and makes an efence
+     * object) and re-arms it with a random interval of mean N.  sample_left
+     * == 0: sampling off, and the fast path pays one load and a branch. */
+    uint32_t  sample_rate;   /* N (1 <= N < 2^31), 0 = off                 */
+    uint32_t  sample_left;   /* allocations until the next sample, 0 = off */
+    uint64_t  sample_pending;/* samples drawn in C, not yet taken by Python */
+    uint64_t  sample_rng;    /* xorshift64 state, never 0 while sampling   */
 } gh_mheap;
 
 
@@ -186,8 +195,26 @@ int gh_object_size(gh_mheap *h, uintptr_t v, uintptr_t *size, uint32_t *sizeclas
 int gh_realloc_in_place(gh_mheap *h, uintptr_t v, uintptr_t n); /* 0, GH_MISS, free's verdict */
 int gh_mheap_peak(gh_mheap *h, int reset, uint64_t *live, uint64_t *peak);
 
-/* ---- fault reporter (efence diagnosis) ------------------------------------ */
-int gh_fault_reporter_install(void);  /* SIGSEGV/SIGBUS: print si_addr, then die */
+/* ---- sampled efence ---------------------------------------------------------
+ * gh_efence_sample_init: rate N (0 = off, else 1 <= N < 2^31; GH_EARG) and a
+ * seed for the interval generator (0 is replaced).  The first interval is
+ * drawn at once.  gh_efence_sample_take: with tick != 0 count one allocation
+ * that never reached the fast path first; then *out = 1 and one pending
+ * sample is used up if there is one, else *out = 0. */
+int gh_efence_sample_init(gh_mheap *h, uint32_t rate, uint64_t seed);
+int gh_efence_sample_take(gh_mheap *h, int tick, int *out);
+
+/* ---- fault reporter (efence diagnosis) ------------------------------------
+ * gh_fault_register: h joins the fixed registry the reporter searches
+ * (GH_FAULT_MAX_HEAPS; GH_EBUSY when full, GH_OK if already there);
+ * gh_mheap_close takes it out before Python may unmap anything.
+ * gh_fault_reporter_install: SIGSEGV/SIGBUS handler writing one line for a
+ * fault in a registered heap, then chaining to the handler it replaced;
+ * idempotent; 0 or the errno of sigaction. */
+#define GH_FAULT_MAX_HEAPS 256
+int gh_fault_register(gh_mheap *h);
+int gh_fault_reporter_install(void);
+int gh_fault_reporter_installed(void);  /* 1 while it is SIGSEGV's and SIGBUS's handler */
 
 #endif
 

@@ -25,8 +25,8 @@ Vocabulary:
   holding its start (``word``), and free() of that word's address, which is not
   the object, is refused like any other interior pointer.
 - *quarantine* (beyond Go, the seed's own wish): with ``quarantine=BYTES`` the
-  most recently freed spans stay faulted up to that many bytes; older ones are
-  deleted (``delete_span``, the seed's "MHeap_DeleteSpan"): removed from the
+  most recently freed spans stay faulted up to that many bytes (and, with
+  ``max_spans``, that many spans); older ones are deleted (``delete_span``, the seed's "MHeap_DeleteSpan"): removed from the
   bitmap and the efence books, their pages mapped fresh (Reserved -> Ready, zero)
   and freed to the page heap, which may hand the addresses out again.  The
   trade-off: a use-after-free of an object older than the quarantine is no
@@ -34,16 +34,35 @@ Vocabulary:
   nothing is ever recycled, as Go; the heap then runs out of arena or of kernel
   mappings after enough frees, and says which.
 
+*sampled* (``Heap(efence_sample=N)``, GWP-ASan's idea): in a normal heap,
+about one allocation in N, of any size, becomes an efence object with a guard
+after it.  C picks them (a countdown re-armed with a random interval of mean
+N, goheap/_sys.c) and reports a miss; the slow path asks C whether a sample
+is pending and makes the object here.  Everything else about such an object
+is efence's: free faults it (``holds`` tells the free path which spans are
+sampled), the quarantine retires it.  Its alignment is malloc's (8, 16 from
+16 bytes, or ``align=``), so an overrun inside that rounding is not caught,
+as in GWP-ASan.  The quarantine is bounded by default, as GWP-ASan sizes its
+pool by what the process can afford rather than by what it would like to
+keep: ``SAMPLE_QUARANTINE_SPANS`` spans and ``sample_quarantine_bytes(arena)``
+bytes, whichever comes first.  A sample that cannot be had (the kernel's
+mappings or the arena ran out) is lost and the normal path serves the
+allocation, as GWP-ASan does when its pool is full.
+
 Running out.  Each faulted span can split a kernel mapping (Linux caps them at
 vm.max_map_count, 65,530 by default).  When mprotect or mmap fails, the
 operation is undone and OutOfMemory names the cause: a failed free leaves the
 object live and readable, a failed guard leaves no span behind, and a span is
 FAULTED only after the kernel said its pages are PROT_NONE.
 
-Diagnosis.  ``report_faults()`` installs a C handler that prints
-``goheap: SIGSEGV at 0x<address>`` before the process dies, and
-``fault_address(text)`` reads it back, so a parent can ask ``Heap.explain``
-what its child touched.
+Diagnosis.  ``install_fault_reporter()`` (``goheap.install_fault_reporter``;
+every efence or sampling heap calls it) installs the C handler that writes
+one line for a fault in a goheap heap, then chains to the handler it
+replaced (faulthandler's stack follows):
+``goheap: overrun at 0x<addr>: 1 byte past object 0x<base> (112 bytes),
+span 0x<start>+2 pages`` (kinds: overrun, underrun, use-after-free, guard,
+wild access; the format is in _sys.c).  ``fault_address(text)`` reads the
+address back, so a parent can ask ``Heap.explain`` what its child touched.
 
 Invariants (``check``): every FAULTED span is in ``faulted`` and the bytes
 agree; the quarantine holds at most ``quarantine`` bytes (unless the OS refused
@@ -65,6 +84,51 @@ from goheap.sizeclasses import PAGE_SHIFT
 
 GUARDS = ("none", "after", "before")
 WORD = 8  # heap word: the bitmap's granularity
+
+# Sampled efence's default quarantine.  Spans: each faulted span splits at
+# most two kernel mappings off the arena's, so 1,024 of them cost at most
+# 2,048 of vm.max_map_count's default 65,530 (3 %): a long test suite, and a
+# few such heaps side by side, never run the kernel out of mappings.  Bytes:
+# faulted pages go back to the OS, so they cost arena address space only;
+# 64 MiB, and never more than 1/16 of the arena, so a small arena keeps room
+# for the objects that are not sampled.
+SAMPLE_QUARANTINE_SPANS = 1024
+SAMPLE_QUARANTINE_BYTES = 64 << 20
+# The sampling rate's bound: C draws intervals from [1, 2N-1] in 32 bits.
+MAX_SAMPLE_RATE = (1 << 31) - 1
+
+
+def sample_quarantine_bytes(arena_bytes: int) -> int:
+    """The default byte bound of a sampling heap's quarantine."""
+    return min(SAMPLE_QUARANTINE_BYTES, arena_bytes // 16)
+
+
+def sample_rate(n: object, source: str = "efence_sample") -> int:
+    """efence_sample's value checked: N >= 1, or 0 for None/0 (off).  TypeError
+    for a non-int (bool included), ValueError out of range.  Called before
+    any memory is reserved."""
+    if n is None:
+        return 0
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{source} must be an int >= 1 (0 or None: off), not {n!r}")
+    if n < 0 or n > MAX_SAMPLE_RATE:
+        raise ValueError(f"{source} must be from 1 to {MAX_SAMPLE_RATE} (0: off), not {n}")
+    return n
+
+
+def sample_rate_from_env(text: str) -> int:
+    """GOHEAP_EFENCE_SAMPLE's value: "" or "0" is off; ValueError unless it
+    is an int from 1 to MAX_SAMPLE_RATE."""
+    text = text.strip()
+    if not text:
+        return 0
+    try:
+        n = int(text, 10)
+    except ValueError:
+        raise ValueError(
+            f"GOHEAP_EFENCE_SAMPLE must be an int >= 1 (0: off), not {text!r}"
+        ) from None
+    return sample_rate(n, "GOHEAP_EFENCE_SAMPLE")
 
 
 def word(v: int) -> int:
@@ -97,12 +161,20 @@ def options(guard: bool | str, align: int, quarantine: int | None) -> tuple[str,
 
 
 class EFence:
-    def __init__(self, h: MHeap, guard: bool | str, align: int, quarantine: int | None) -> None:
+    def __init__(
+        self,
+        h: MHeap,
+        guard: bool | str,
+        align: int,
+        quarantine: int | None,
+        max_spans: int | None = None,
+    ) -> None:
         guard, align, quarantine = options(guard, align, quarantine)
         self.h = h
         self.guard = guard
         self.align = align
         self.quarantine = quarantine
+        self.max_spans = max_spans  # the quarantine's bound in spans (None: bytes only)
         self.unit = h.align
         self.faulted: OrderedDict[int, MSpan] = OrderedDict()  # span struct -> span, oldest first
         self.faulted_bytes = 0
@@ -204,10 +276,20 @@ class EFence:
         s.state = SpanState.FAULTED
         self.faulted[s.addr] = s
         self.faulted_bytes += s.nbytes
-        if self.quarantine is not None:
-            while self.faulted_bytes > self.quarantine and self.faulted:
-                if not self.delete_span(next(iter(self.faulted.values()))):
-                    break
+        while self.faulted and self.over_quarantine():
+            if not self.delete_span(next(iter(self.faulted.values()))):
+                break
+
+    def over_quarantine(self) -> bool:
+        """Whether the faulted spans exceed the quarantine's bounds."""
+        over_bytes = self.quarantine is not None and self.faulted_bytes > self.quarantine
+        return over_bytes or (self.max_spans is not None and len(self.faulted) > self.max_spans)
+
+    def holds(self, s: MSpan) -> bool:
+        """Whether live span s holds one of this EFence's objects.  For a
+        sampling heap, where efence objects and normal large ones share the
+        page heap: sampled objects always have a guard, and it is listed."""
+        return s.addr in self.guards
 
     def delete_span(self, s: MSpan) -> bool:
         """MHeap_DeleteSpan: retire a faulted span so its addresses can be reused,
@@ -298,13 +380,10 @@ class EFence:
                 raise HeapCorruption(f"efence: guard {lo:#x}+{n:#x} belongs to no live span {g!r}")
             if lo < g.limit and g.base < lo + n:
                 raise HeapCorruption(f"efence: guard {lo:#x}+{n:#x} overlaps object of {g!r}")
-        if (
-            self.quarantine is not None
-            and self.faulted_bytes > self.quarantine
-            and not self.delete_refused
-        ):
+        if self.over_quarantine() and not self.delete_refused:
             raise HeapCorruption(
-                f"efence: quarantine holds {self.faulted_bytes} bytes, limit {self.quarantine}"
+                f"efence: quarantine holds {self.faulted_bytes} bytes in {len(self.faulted)} "
+                f"spans, limits {self.quarantine} bytes, {self.max_spans} spans"
             )
 
     def check_live(self, s: MSpan) -> None:
@@ -358,18 +437,43 @@ def max_map_count() -> int | None:
 # ---- fault reports ----------------------------------------------------------------------
 
 
-def report_faults() -> None:
-    """From now on a SIGSEGV or SIGBUS in this process first prints
-    ``goheap: SIGSEGV at 0x<address>`` on stderr, then kills it as before.
-    Replaces any earlier handler (faulthandler's too): for processes that are
-    expected to die, e.g. a child hunting a use-after-free."""
+def install_fault_reporter() -> None:
+    """Install goheap's C fault reporter for SIGSEGV and SIGBUS (public as
+    ``goheap.install_fault_reporter``).  A fault in a goheap heap's arena --
+    an efence overrun, underrun or use-after-free -- writes one line to
+    stderr, ``goheap: <kind> at 0x<addr>: <n> bytes past|before|into object
+    0x<base> (<size> bytes), span 0x<start>+<npages> pages``; then, and for
+    any fault that is not goheap's (no line), the handler that was there
+    before runs: faulthandler's Python stack, a sanitizer's report, or the
+    default action, so the process dies of the signal as it would have.
+
+    Idempotent: if the reporter is the current handler nothing changes (it
+    never chains to itself).  If another handler took over since (e.g.
+    ``faulthandler.enable()`` after it), calling it again installs it on top,
+    which is how to get goheap's line before faulthandler's stack: enable
+    faulthandler first, then this."""
     _native.install_fault_reporter()
 
 
-_REPORT = re.compile(r"goheap: (SIGSEGV|SIGBUS) at (0x[0-9a-f]+)")
+def fault_reporter_installed() -> bool:
+    """Whether the reporter is the current SIGSEGV and SIGBUS handler."""
+    return _native.fault_reporter_installed()
+
+
+report_faults = install_fault_reporter  # its name before issue 15 (efence_demo uses it)
+
+_REPORT = re.compile(
+    r"goheap: (overrun|underrun|use-after-free|guard|wild access) at (0x[0-9a-f]+)"
+)
 
 
 def fault_address(text: str) -> int | None:
-    """The faulting address in ``report_faults`` output (the last one), or None."""
+    """The faulting address of the last reporter line in text, or None."""
     found = _REPORT.findall(text)
     return int(found[-1][1], 16) if found else None
+
+
+def fault_kind(text: str) -> str | None:
+    """The kind of the last reporter line in text ("overrun", ...), or None."""
+    found = _REPORT.findall(text)
+    return found[-1][0] if found else None

@@ -5,8 +5,8 @@ See goheap/malloc.py for the overview and goheap/efence.py for the policy.
 Built on the public API only.  Each bug is committed by a forked child process,
 standing in for a C extension that writes through a stale or off-by-one
 pointer; the child dies of SIGSEGV, and its last words (the fault reporter's
-"goheap: SIGSEGV at 0x..." line on stderr) give the faulting address.  The
-parent still holds the very same heap (fork copied it), so it can ask
+"goheap: use-after-free at 0x...: ..." line on stderr) give the faulting
+address.  The parent still holds the very same heap (fork copied it), so it can ask
 ``Heap.explain`` what that address is.  Everything printed is read back from
 the kernel (/proc/self/maps, wait status) or the heap, never typed in.
 

@@ -62,7 +62,8 @@ from typing import TYPE_CHECKING, Any
 
 from goheap import _native, debug, mtrace
 from goheap.block import Block, new_block, new_ndarray
-from goheap.efence import EFence
+from goheap import efence as _efence_mod
+from goheap.efence import EFence, install_fault_reporter
 from goheap.efence import options as efence_options
 from goheap.errors import DoubleFree, HeapClosed, HeapCorruption, InvalidFree, OutOfMemory
 from goheap.mcache import MCache
@@ -84,7 +85,14 @@ from goheap.sizeclasses import (
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["MAX_ARENA32", "TRACEMALLOC_DOMAIN", "Block", "Heap", "enable_tracemalloc"]
+__all__ = [
+    "MAX_ARENA32",
+    "TRACEMALLOC_DOMAIN",
+    "Block",
+    "Heap",
+    "enable_tracemalloc",
+    "install_fault_reporter",
+]
 
 TRACEMALLOC_DOMAIN = mtrace.TRACEMALLOC_DOMAIN
 
@@ -201,6 +209,13 @@ class Heap:
     2 GiB window, growth by MHeap_SysAlloc).  ``efence``: every object on pages
     of its own, faulted when freed (default from GOHEAP_EFENCE=1).  ``guard``,
     ``align``, ``quarantine``: efence options (see efence.py).
+    ``efence_sample``: N >= 1 makes about one allocation in N, of any size, an
+    efence object with a guard page after it (0 or None: off; default from
+    GOHEAP_EFENCE_SAMPLE=N); the others take the normal path at its speed.
+    ``quarantine`` then bounds the freed ones kept faulted (default:
+    efence.SAMPLE_QUARANTINE_SPANS spans and sample_quarantine_bytes bytes).
+    Efence and sampling heaps install the fault reporter
+    (``install_fault_reporter``).
     ``scavenge_after``: seconds a free span waits before its pages go back to the
     OS.  ``sysmem``: the OS layer (tests pass a wrapped or simulated one).
     ``trace``: report every malloc/free to tracemalloc under TRACEMALLOC_DOMAIN
@@ -219,26 +234,40 @@ class Heap:
         quarantine: int | None = None,
         sysmem: SysMemory | None = None,
         trace: bool = False,
+        efence_sample: int | None = None,
     ) -> None:
         self._closed = True  # until built: __del__ of a half-built Heap has nothing to do
         if efence is None:
             efence = os.environ.get("GOHEAP_EFENCE", "") not in ("", "0")
         # Every argument is checked before the arena is reserved: a refused
         # Heap() leaves no address space behind.
-        if efence:
+        sample = _efence_mod.sample_rate(efence_sample)
+        if efence_sample is None and not efence:
+            sample = _efence_mod.sample_rate_from_env(os.environ.get("GOHEAP_EFENCE_SAMPLE", ""))
+        if efence and sample:
+            raise ValueError("efence_sample is for heaps without efence: efence makes every object one")
+        if efence or sample:
             efence_options(guard, align, quarantine)
-        elif guard is not False or quarantine is not None or align != 16:
-            raise ValueError("guard, align and quarantine are efence options: pass efence=True")
+        if not efence and (guard is not False or align != 16):
+            raise ValueError("guard and align are efence options: pass efence=True")
+        if not efence and not sample and quarantine is not None:
+            raise ValueError("quarantine is an efence option: pass efence=True or efence_sample=N")
         self._h = MHeap(sysmem, arena_size, mode, scavenge_after)
         try:
-            self._build(efence, guard, align, quarantine, trace)
+            self._build(efence, guard, align, quarantine, trace, sample)
         except BaseException:
             with self._h.lock:
                 self._h.close_locked()
             raise
 
     def _build(
-        self, efence: bool, guard: bool | str, align: int, quarantine: int | None, trace: bool
+        self,
+        efence: bool,
+        guard: bool | str,
+        align: int,
+        quarantine: int | None,
+        trace: bool,
+        sample: int = 0,
     ) -> None:
         self._c: Any = self._h.c
         self._lock = self._h.lock
@@ -247,6 +276,10 @@ class Heap:
         self._mcache = MCache(self._h, self._central)
         self._h.reclaim = self._reclaim
         self._efence = EFence(self._h, guard, align, quarantine) if efence else None
+        self._build_sampler(sample, quarantine)
+        _native.fault_register(self._c)  # the reporter names faults in any live heap
+        if efence or sample:
+            install_fault_reporter()
         # Large objects are counted in C (gh_mheap.nlargealloc ...), where a
         # hit in the large cache counts them without Python.
         self._c.lcache_limit = 0 if efence else self._h.lcache_cap()
@@ -256,6 +289,22 @@ class Heap:
             mtrace.install(self)  # instance-level wrappers: the class methods stay untraced
         self._closed = False
         _live_heaps.add(self)
+
+    def _build_sampler(self, sample: int, quarantine: int | None) -> None:
+        """Sampled efence: an EFence for the sampled objects (guard after them,
+        malloc's alignment, a bounded quarantine) and C's countdown."""
+        self._sample_rate = sample
+        self._sampled = 0  # efence objects made by sampling (stats().efence_sampled)
+        self._sampler: EFence | None = None
+        if not sample:
+            return
+        h = self._h
+        if quarantine is None:
+            quarantine = _efence_mod.sample_quarantine_bytes(h.arena_end - h.arena_start)
+        self._sampler = EFence(
+            h, "after", 8, quarantine, max_spans=_efence_mod.SAMPLE_QUARANTINE_SPANS
+        )
+        _native.efence_sample_init(self._c, sample, int.from_bytes(os.urandom(8), "little"))
 
     def _init_tables(self) -> None:
         c = self._c
@@ -322,6 +371,9 @@ class Heap:
     os_page_size = property(lambda self: self._h.os_page_size, doc="The OS page in bytes.")
     mode = property(lambda self: self._h.mode, doc='"64bit", or "32bit" (also after fallback).')
     efence = property(lambda self: self._efence is not None, doc="Whether efence mode is on.")
+    efence_sample = property(
+        lambda self: self._sample_rate, doc="N of efence_sample=N (0: no sampling)."
+    )
 
     # ---- malloc / free -------------------------------------------------------------------
 
@@ -370,7 +422,16 @@ class Heap:
         if 8 < a <= PAGE_SIZE and self._efence is None:
             if n <= MAX_SMALL_SIZE:
                 n = class_to_size[_ALIGNED_CLASS[a][size_to_class(n)]]
+            else:  # the same pages; a sampled object, which ends at its guard, starts on a
+                n = -(-n // a) * a
             return int(self._malloc_fast(n, zero))  # large spans start on a heap page
+        if self._sampler is not None and a <= self._sampler.unit:
+            # C's countdown drew this one (status != 0: it reached C), or
+            # counts it now (status 0: it never did).
+            if _native.efence_sample_take(self._c, status == 0):
+                v = self._malloc_sampled(n, zero, a)
+                if v:
+                    return v
         with self._lock:
             if self._closed:
                 raise HeapClosed("malloc on a closed heap")
@@ -404,6 +465,24 @@ class Heap:
                 self._raise_corrupt(n)
             if v < _STATUS_LIMIT:
                 raise HeapCorruption(f"malloc({n}): refill of class {cl} gave no object")
+            return v
+
+    def _malloc_sampled(self, n: int, zero: bool, a: int) -> int:
+        """A sampled efence object of n bytes, aligned as malloc aligns (or to
+        a), or 0 if it cannot be had: then the normal path serves the
+        allocation (and names the error if there is one)."""
+        with self._lock:
+            if self._closed:
+                raise HeapClosed("malloc on a closed heap")
+            assert self._sampler is not None
+            if n > self._h.arena_end - self._h.arena_start:
+                return 0
+            try:
+                v, nbytes = self._sampler.alloc(n, zero, a if a > 1 else 16 if n >= 16 else 8)
+            except OutOfMemory:
+                return 0  # GWP-ASan's rule: a sample the pool cannot hold is lost
+            _native.large_account(self._c, 1, nbytes, 0, 0)
+            self._sampled += 1
             return v
 
     def _raise_corrupt(self, n: int) -> None:
@@ -497,6 +576,8 @@ class Heap:
                         raise InvalidFree(f"free({v:#x}): not the start of a live object")
                 if self._efence is not None:
                     self._efence.free(s)  # on failure the object stays live
+                elif self._sampler is not None and self._sampler.holds(s):
+                    self._sampler.free(s)  # a sampled efence object: faulted, quarantined
                 else:
                     _native.bitmap_set(self._c, v, 0, _native.BIT_BOUNDARY)
                     h.free_span_locked(s)
@@ -636,8 +717,9 @@ class Heap:
             if r is not None:
                 base, n = r
                 return f"{addr:#x} is {addr - base} bytes into live object [{base:#x}, +{n})"
-            if self._efence is not None:
-                what = self._efence.explain(addr)
+            ef = self._efence or self._sampler
+            if ef is not None:
+                what = ef.explain(addr)
                 if what is not None:
                     return what
             if h.arena_start <= addr < h.arena_used:
@@ -710,7 +792,7 @@ class Heap:
         by_size = tuple(BySize(class_to_size[c], nm[c], nf[c]) for c in range(NUM_SIZE_CLASSES))
         mspan_sys = sum(n for _, n in h.spanalloc.chunks)
         gc_sys, other_sys = h.bitmap_mapped, h.spans_mapped + h.slack_sys
-        ef = self._efence
+        ef = self._efence or self._sampler
         return MStats(
             alloc=heap_alloc,
             total_alloc=small_total + largealloc,
@@ -730,6 +812,7 @@ class Heap:
             by_size=by_size,
             efence_faulted=ef.faulted_bytes if ef else 0,
             efence_deleted=ef.deleted if ef else 0,
+            efence_sampled=self._sampled,
             os_page_size=h.os_page_size,
             peak_alloc=peak,
         )
@@ -847,6 +930,8 @@ class Heap:
                     raise HeapCorruption(f"large span {s!r}: object not marked allocated")
                 if self._efence is not None:
                     self._efence.check_live(s)
+                elif self._sampler is not None and self._sampler.holds(s):
+                    self._sampler.check_live(s)
                 large_live += 1
                 large_bytes += s.elemsize
             elif s.state == SpanState.FAULTED:
@@ -892,8 +977,11 @@ class Heap:
                     f"tail marks and {faulted_spans} faulted efence objects (free spans "
                     "must carry no bits)"
                 )
-        if self._efence is not None:
-            self._efence.check(faulted)
+        ef = self._efence or self._sampler
+        if ef is not None:
+            ef.check(faulted)
+        elif faulted:
+            raise HeapCorruption(f"{faulted} bytes of faulted spans in a heap without efence")
         st = self._stats_locked()
         errs = st.identity_errors()
         live = _native.mheap_peak(c)[0]
@@ -937,4 +1025,7 @@ class Heap:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"arena [{self.arena_start:#x}, {self.arena_end:#x})"
-        return f"<goheap.Heap {self.mode} {state}{' efence' if self._efence else ''}>"
+        mode = " efence" if self._efence else ""
+        if getattr(self, "_sampler", None) is not None:
+            mode = f" efence_sample={self._sample_rate}"
+        return f"<goheap.Heap {self.mode} {state}{mode}>"

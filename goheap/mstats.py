@@ -63,6 +63,7 @@ class MStats:
     # goheap additions.
     efence_faulted: int = 0  # bytes of freed efence spans kept faulted
     efence_deleted: int = 0  # efence spans retired from the quarantine
+    efence_sampled: int = 0  # efence objects made by sampling (Heap(efence_sample=N))
     os_page_size: int = 0
     # The high-water mark of heap_alloc since the heap was made or
     # Heap.reset_peak() (pyarrow's max_memory; total_alloc is its
