@@ -51,7 +51,9 @@
 /* NumPy assumes malloc's alignment (16 bytes on x86-64 and arm64) for
  * complex128 and long double; goheap's classes below 16 bytes are only
  * 8-aligned, every class from 16 up is a multiple of 16, and large objects
- * start on a heap page.  So nothing smaller than this is asked for. */
+ * start on a heap page.  So nothing smaller than this is asked for -- but
+ * on an efence heap, whose own `align` places objects (align=1 puts every
+ * byte past the end on the guard page), the size stays as NumPy asked. */
 #define NP_MIN_SIZE 16
 
 /* ------------------------------------------------------------------------
@@ -251,10 +253,17 @@ static void *slow_realloc(ghnp_ctx *c, uintptr_t v, size_t n)
  * takes the heap's own lock.  NumPy hands back ctx as we gave it.
  * ------------------------------------------------------------------------ */
 
+/* The size to ask the heap for (see NP_MIN_SIZE).  h->efence is set before
+ * the heap is first used and never changes. */
+static inline size_t np_size(const ghnp_ctx *c, size_t n)
+{
+    return n >= NP_MIN_SIZE || c->h->efence ? n : NP_MIN_SIZE;
+}
+
 static void *np_malloc(void *ctx, size_t size)
 {
     ghnp_ctx *c = ctx;
-    size_t n = size < NP_MIN_SIZE ? NP_MIN_SIZE : size;
+    size_t n = np_size(c, size);
     uintptr_t v = gh_mcache_alloc_nozero(c->h, n);
     if (v >= NP_STATUS_LIMIT)
         return (void *)v;
@@ -270,7 +279,7 @@ static void *np_calloc(void *ctx, size_t nelem, size_t elsize)
     uintptr_t v;
     if (elsize != 0 && nelem > SIZE_MAX / elsize)
         return NULL; /* NumPy raises MemoryError for the NULL */
-    n = nelem * elsize < NP_MIN_SIZE ? NP_MIN_SIZE : nelem * elsize;
+    n = np_size(c, nelem * elsize);
     v = gh_mcache_alloc(c->h, n);
     if (v >= NP_STATUS_LIMIT)
         return (void *)v;
@@ -301,7 +310,7 @@ static void *np_realloc(void *ctx, void *ptr, size_t new_size)
 {
     ghnp_ctx *c = ctx;
     uintptr_t v = (uintptr_t)ptr, old = 0;
-    size_t n = new_size < NP_MIN_SIZE ? NP_MIN_SIZE : new_size;
+    size_t n = np_size(c, new_size);
     uint32_t cl = 0;
     void *w;
     int st;

@@ -22,7 +22,7 @@ import threading
 import tracemalloc
 
 import pytest
-from osview import died_of_fault, run_child
+from osview import died_of_fault, perms_over, run_child
 
 import goheap
 from goheap.numpy_handler import handler_name
@@ -490,6 +490,31 @@ def test_numpy_efence_heap_arrays_get_their_own_pages():
         gc.collect()
         st = h.stats()
         assert st.heap_objects == 0 and st.efence_faulted > 0
+        h.check()
+
+
+@pytest.mark.pagesize
+def test_numpy_efence_align_1_puts_the_byte_past_the_end_on_the_guard():
+    # On an efence heap the handler asks for exactly what NumPy asked (no
+    # 16-byte minimum): with align=1 an array ends where its guard page starts.
+    def ends_at_guard(h: goheap.Heap, a, n: int) -> bool:  # type: ignore[no-untyped-def]
+        base, size = h.lookup(a.ctypes.data)
+        return (
+            (base, size) == (a.ctypes.data, n)
+            and perms_over(base, size) == {"rw-p"}
+            and perms_over(base + size, 1) == {"---p"}
+        )
+
+    with goheap.Heap(arena_size=1 << 30, efence=True, align=1, guard="after") as h:
+        with goheap.numpy_allocator(h):
+            a = np.arange(13, dtype=np.uint8)
+            b = np.zeros(5, dtype=np.uint8)
+        assert ends_at_guard(h, a, 13) and ends_at_guard(h, b, 5) and not b.any()
+        a.resize(29, refcheck=False)  # an unaligned efence object: Heap.realloc moves it
+        assert ends_at_guard(h, a, 29) and (a[:13] == np.arange(13)).all()
+        del a, b
+        gc.collect()
+        assert h.stats().heap_objects == 0
         h.check()
 
 
