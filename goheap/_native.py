@@ -378,6 +378,7 @@ def mcache_counts(h: Any) -> tuple[list[int], list[int]]:
 # The hot calls, bound once (a lookup on lib per call costs ~13 ns).
 mcache_alloc = lib.gh_mcache_alloc
 mcache_alloc_nozero = lib.gh_mcache_alloc_nozero
+mcache_alloc_unsampled = lib.gh_mcache_alloc_unsampled  # (h, size, zero): the slow path's
 mcache_free = lib.gh_mcache_free
 
 

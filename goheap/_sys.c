@@ -781,7 +781,7 @@ int gh_efence_sample_take(gh_mheap *h, int tick, int *out)
  * out-parameter.
  * ------------------------------------------------------------------------ */
 
-static uintptr_t large_alloc(gh_mheap *h, uintptr_t size, int zero); /* the large cache, below */
+static uintptr_t large_alloc(gh_mheap *h, uintptr_t size, int zero, int sample); /* below */
 
 /* Every path that hands out n bytes counts them here, under h->lock. */
 static inline void count_live(gh_mheap *h, uintptr_t n)
@@ -791,7 +791,9 @@ static inline void count_live(gh_mheap *h, uintptr_t n)
         h->peak_bytes = h->live_bytes;
 }
 
-static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero)
+/* sample: count this allocation in the sampled-efence countdown (0: the slow
+ * path, which has made its choice, asking again). */
+static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero, int sample)
 {
     gh_mspan *s;
     uintptr_t v, next, cl;
@@ -799,12 +801,12 @@ static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero)
     if (h == NULL || h->arena_start == 0)
         return (uintptr_t)-GH_EARG;
     if (size > GH_MAX_SMALL_SIZE)
-        return large_alloc(h, size, zero);
+        return large_alloc(h, size, zero, sample);
     cl = size <= 1024 ? h->size_to_class8[(size + 7) >> 3]
                       : h->size_to_class128[(size - 1024 + 127) >> 7];
     if (!heap_lock_open(h))
         return (uintptr_t)-GH_EARG;
-    if (sample_due(h)) {
+    if (sample && sample_due(h)) {
         heap_unlock(h);
         return (uintptr_t)-GH_MISS; /* sampled: the slow path makes an efence object */
     }
@@ -985,12 +987,12 @@ static int lcache_put(gh_mheap *h, gh_mspan *s, uintptr_t v)
     return 1;
 }
 
-static uintptr_t large_alloc(gh_mheap *h, uintptr_t size, int zero)
+static uintptr_t large_alloc(gh_mheap *h, uintptr_t size, int zero, int sample)
 {
     uintptr_t v;
     if (!heap_lock_open(h))
         return (uintptr_t)-GH_EARG;
-    v = (sample_due(h) || h->frozen) ? 0 : lcache_alloc(h, size, zero); /* sampled: miss */
+    v = ((sample && sample_due(h)) || h->frozen) ? 0 : lcache_alloc(h, size, zero); /* sampled: miss */
     heap_unlock(h);
     return v != 0 ? v : (uintptr_t)-GH_MISS;
 }
@@ -1072,12 +1074,19 @@ int gh_lcache_flush(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
 /* malloc of a zeroed small object: an address, or a status < 4096 (-GH_*). */
 uintptr_t gh_mcache_alloc(gh_mheap *h, uintptr_t size)
 {
-    return mcache_alloc(h, size, 1);
+    return mcache_alloc(h, size, 1, 1);
 }
 
 uintptr_t gh_mcache_alloc_nozero(gh_mheap *h, uintptr_t size)
 {
-    return mcache_alloc(h, size, 0);
+    return mcache_alloc(h, size, 0, 1);
+}
+
+/* The same, not counted by the sampled-efence countdown: for the slow path,
+ * which has already counted this allocation and decided it is not sampled. */
+uintptr_t gh_mcache_alloc_unsampled(gh_mheap *h, uintptr_t size, int zero)
+{
+    return mcache_alloc(h, size, zero != 0, 0);
 }
 
 /* The start of the calls that judge v as free() would: GH_EARG for a closed

@@ -178,6 +178,7 @@ int gh_mspan_carve(gh_mheap *h, gh_mspan *s, uintptr_t size);
 int gh_mspan_check(gh_mheap *h, gh_mspan *s, uint32_t *nfree, uint32_t *what); /* GH_ECORRUPT */
 uintptr_t gh_mcache_alloc(gh_mheap *h, uintptr_t size);        /* address, or -GH_* (< 4096) */
 uintptr_t gh_mcache_alloc_nozero(gh_mheap *h, uintptr_t size);
+uintptr_t gh_mcache_alloc_unsampled(gh_mheap *h, uintptr_t size, int zero); /* the slow path's */
 int gh_mcache_free(gh_mheap *h, uintptr_t v);                  /* 0, GH_E* < 0, GH_FREED_* > 0 */
 int gh_mcache_swap(gh_mheap *h, uint32_t cl, gh_mspan *s, uintptr_t *old);
 int gh_mcentral_take_empty(gh_mheap *h, uint32_t cl, uintptr_t *out, uintptr_t max, uintptr_t *n);

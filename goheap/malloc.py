@@ -61,8 +61,8 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from goheap import _native, debug, mtrace
-from goheap.block import Block, new_block, new_ndarray
 from goheap import efence as _efence_mod
+from goheap.block import Block, new_block, new_ndarray
 from goheap.efence import EFence, install_fault_reporter
 from goheap.efence import options as efence_options
 from goheap.errors import DoubleFree, HeapClosed, HeapCorruption, InvalidFree, OutOfMemory
@@ -101,6 +101,7 @@ _MISS = -_native.MISS
 _CORRUPT = -_native.ECORRUPT
 _mcache_alloc = _native.mcache_alloc
 _mcache_alloc_nozero = _native.mcache_alloc_nozero
+_mcache_alloc_unsampled = _native.mcache_alloc_unsampled
 _mcache_free = _native.mcache_free
 _FREED_LARGE = _native.FREED_LARGE
 _EBUSY = _native.EBUSY
@@ -245,7 +246,9 @@ class Heap:
         if efence_sample is None and not efence:
             sample = _efence_mod.sample_rate_from_env(os.environ.get("GOHEAP_EFENCE_SAMPLE", ""))
         if efence and sample:
-            raise ValueError("efence_sample is for heaps without efence: efence makes every object one")
+            raise ValueError(
+                "efence_sample is for heaps without efence: efence makes every object one"
+            )
         if efence or sample:
             efence_options(guard, align, quarantine)
         if not efence and (guard is not False or align != 16):
@@ -427,7 +430,8 @@ class Heap:
             return int(self._malloc_fast(n, zero))  # large spans start on a heap page
         if self._sampler is not None and a <= self._sampler.unit:
             # C's countdown drew this one (status != 0: it reached C), or
-            # counts it now (status 0: it never did).
+            # counts it now (status 0: it never did).  Once, here: the tries
+            # below ask C without counting again.
             if _native.efence_sample_take(self._c, status == 0):
                 v = self._malloc_sampled(n, zero, a)
                 if v:
@@ -456,11 +460,10 @@ class Heap:
             if status == _CORRUPT:
                 self._raise_corrupt(n)
             cl = size_to_class(n)
-            alloc = _mcache_alloc if zero else _mcache_alloc_nozero
-            v = alloc(self._c, n)  # another thread may have refilled while we waited
+            v = _mcache_alloc_unsampled(self._c, n, zero)  # another thread may have refilled
             if v < _STATUS_LIMIT and v != _CORRUPT:
                 self._mcache.refill(cl)
-                v = alloc(self._c, n)
+                v = _mcache_alloc_unsampled(self._c, n, zero)
             if v == _CORRUPT:
                 self._raise_corrupt(n)
             if v < _STATUS_LIMIT:

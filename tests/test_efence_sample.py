@@ -1,0 +1,370 @@
+"""Sampled efence, Heap(efence_sample=N) (issue 15 item 2), on real memory.
+
+What is sampled is read back from the kernel: a sampled object ends where a
+PROT_NONE guard mapping starts (/proc/self/maps), a freed one's span is
+PROT_NONE whole, and a touch of either faults in a child process.  Counts are
+statistical where the choice is random; the bounds are many standard
+deviations wide (each test says how many), so they cannot flake.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import threading
+
+import pytest
+from osview import died_of_fault, mappings, run_child
+
+import goheap
+from goheap import _native, efence, mem
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+REAL_PAGE = _native.os_page_size()
+PAGE_SIZES = sorted(
+    {REAL_PAGE, 16 * KiB, 64 * KiB} - {p for p in (16 * KiB, 64 * KiB) if p < REAL_PAGE}
+)
+SIZES = (0, 1, 8, 15, 16, 100, 4000, 8192, 32 * KiB, 32 * KiB + 1, 40_000, 100_000, MiB + 3)
+
+
+@pytest.fixture(params=PAGE_SIZES, ids=lambda p: f"os{p // KiB}k")
+def page(request):
+    return request.param
+
+
+def new_heap(page_size=REAL_PAGE, **kw):
+    kw.setdefault("arena_size", 4 * GiB)
+    return goheap.Heap(sysmem=mem.SysMemory(page_size=page_size), **kw)
+
+
+class Maps:
+    """One snapshot of /proc/self/maps."""
+
+    def __init__(self):
+        self.maps = sorted(mappings(), key=lambda m: m.start)
+        self.starts = [m.start for m in self.maps]
+
+    def at(self, v):
+        i = bisect.bisect_right(self.starts, v) - 1
+        m = self.maps[i] if i >= 0 else None
+        return m if m is not None and m.start <= v < m.end else None
+
+    def guarded(self, p, size):
+        """Whether the object [p, p+size) ends where a PROT_NONE mapping starts."""
+        g = self.at(p + size)
+        return g is not None and g.start == p + size and g.perms.startswith("---")
+
+    def faulted(self, lo, hi):
+        """Whether [lo, hi) is all PROT_NONE."""
+        v = lo
+        while v < hi:
+            m = self.at(v)
+            if m is None or not m.perms.startswith("---"):
+                return False
+            v = m.end
+        return True
+
+
+def sampled_objects(h, ptrs):
+    maps = Maps()
+    return [p for p in ptrs if maps.guarded(p, h.usable_size(p))]
+
+
+# ---- every allocation, with N = 1 -------------------------------------------------------------
+
+
+@pytest.mark.pagesize
+def test_efence_sample_1_makes_every_allocation_efence(page):
+    with new_heap(page, efence_sample=1) as h:
+        assert h.efence_sample == 1 and not h.efence
+        ptrs = [h.malloc(n) for n in SIZES]
+        ptrs.append(goheap.Heap.malloc(h, 200))  # the Python reference path
+        ptrs.append(h.malloc(100, align=64))  # align= through the fast path
+        ptrs.append(h.malloc(5000, zero=False))
+        maps = Maps()
+        unit = max(page, 8 * KiB)
+        for p in ptrs:
+            base, size = h.lookup(p)
+            assert base == p and (p + size) % unit == 0
+            assert maps.guarded(p, size), hex(p)
+            assert maps.at(p).perms.startswith("rw")
+        assert ptrs[-2] % 64 == 0
+        # Objects sit on pages of their own: no two share a mapping.
+        assert len({maps.at(p).start for p in ptrs}) == len(ptrs)
+        st = h.stats()
+        assert st.efence_sampled == st.mallocs == len(ptrs)
+        h.check()
+        for p in ptrs:
+            h.free(p)
+        st = h.stats()
+        assert st.frees == len(ptrs) and st.heap_alloc == 0 and st.efence_faulted > 0
+        maps = Maps()
+        for p in ptrs:
+            s = h._h.lookup(p)
+            assert maps.faulted(s.start, s.end)
+        h.check()
+
+
+@pytest.mark.pagesize
+def test_efence_sample_1_guard_and_free_fault_in_a_child(page):
+    proc = run_child(f"""
+import ctypes, os, goheap
+from goheap import mem
+h = goheap.Heap(arena_size=1 << 30, efence_sample=1, sysmem=mem.SysMemory(page_size={page}))
+a, b = h.malloc(100), h.malloc(50_000)
+h.free(b)
+def touch(addr):
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        ctypes.memset(addr, 1, 1)
+        os._exit(0)
+    return os.waitpid(pid, 0)[1] & 0x7f
+print(touch(a + 111), touch(a + 112), touch(b), touch(b + 49_999))
+""")
+    assert proc.returncode == 0, proc.stderr
+    inside, guard, freed, freed_end = (int(x) for x in proc.stdout.split())
+    assert inside == 0 and guard in (11, 7) and freed in (11, 7) and freed_end in (11, 7)
+
+
+def test_efence_sample_realloc_and_blocks_are_sampled():
+    with new_heap(efence_sample=1) as h:
+        p = h.malloc(100)
+        h.view(p)[:4] = b"abcd"
+        q = h.realloc(p, 5000)  # moves: the new object is sampled, the old one faulted
+        assert q != p and bytes(h.view(q, 4)) == b"abcd"
+        maps = Maps()
+        assert maps.guarded(q, h.usable_size(q))
+        s = h._h.lookup(p)
+        assert maps.faulted(s.start, s.end)
+        blk = h.alloc(300)
+        assert Maps().guarded(blk._addr, h.usable_size(blk._addr))
+        blk.free()
+        assert h.stats().efence_sampled == 3
+        h.free(q)
+        h.check()
+
+
+# ---- about one in N --------------------------------------------------------------------------
+
+
+def test_efence_sample_n_samples_about_one_in_n():
+    # N = 100 over 20,000 allocations: intervals uniform on [1, 199] (mean 100,
+    # sd 57.4), so the count is about 200 with sd about 8.  [100, 300] is 12
+    # standard deviations either side.  Small and large sizes alike.
+    n_alloc, rate = 20_000, 100
+    with new_heap(efence_sample=rate) as h:
+        sizes = [64 if i % 10 else 40_000 for i in range(n_alloc)]
+        ptrs = [h.malloc(n) for n in sizes]
+        sampled = sampled_objects(h, ptrs)
+        st = h.stats()
+        assert 100 <= st.efence_sampled <= 300, st.efence_sampled
+        assert len(sampled) == st.efence_sampled  # the kernel agrees with the count
+        large = {p for p, n in zip(ptrs, sizes, strict=True) if n > 32 * KiB}
+        assert any(p in large for p in sampled) and any(p not in large for p in sampled)
+        h.check()
+        for p in ptrs:
+            h.free(p)
+        h.check()
+        st = h.stats()
+        assert st.mallocs == st.frees == n_alloc and st.heap_alloc == 0
+        assert st.efence_faulted == sum(s.nbytes for s in h._sampler.faulted.values())
+
+
+def test_efence_sample_mean_interval_is_n():
+    # The mean of [1, 2N-1] is N exactly: with N = 7 over 70,000 pairs the count is
+    # 10,000 with sd about 37; [9,000, 11,000] is 27 sd wide each side.
+    with new_heap(efence_sample=7, quarantine=0) as h:
+        for _ in range(70_000):
+            h.free(h.malloc(32))
+        st = h.stats()
+        assert 9_000 <= st.efence_sampled <= 11_000, st.efence_sampled
+        assert st.efence_deleted == st.efence_sampled  # quarantine=0 retires each at once
+        h.check()
+
+
+def test_efence_sample_off_costs_normal_objects_nothing():
+    with new_heap(efence_sample=efence.MAX_SAMPLE_RATE) as h:
+        ptrs = [h.malloc(n) for n in SIZES * 20]
+        assert sampled_objects(h, ptrs) == []
+        for p in ptrs:
+            h.free(p)
+        st = h.stats()
+        assert st.efence_sampled == 0 and st.efence_faulted == 0
+        arena = [m for m in mappings() if h.arena_start <= m.start < h.arena_end]
+        assert not [m for m in arena if m.perms.startswith("---") and m.end <= h.arena_used]
+        h.check()
+
+
+# ---- the environment and bad values -----------------------------------------------------------
+
+
+def test_efence_sample_from_the_environment(monkeypatch):
+    monkeypatch.setenv("GOHEAP_EFENCE_SAMPLE", "1")
+    with new_heap() as h:
+        assert h.efence_sample == 1
+        p = h.malloc(24)
+        assert Maps().guarded(p, h.usable_size(p))
+        h.free(p)
+    with new_heap(efence_sample=0) as h:  # the argument wins over the environment
+        assert h.efence_sample == 0
+    with new_heap(efence=True) as h:  # efence makes every object one; the sample is moot
+        assert h.efence and h.efence_sample == 0
+    monkeypatch.setenv("GOHEAP_EFENCE_SAMPLE", "0")
+    with new_heap() as h:
+        assert h.efence_sample == 0
+    monkeypatch.setenv("GOHEAP_EFENCE_SAMPLE", "often")
+    with pytest.raises(ValueError, match="GOHEAP_EFENCE_SAMPLE"):
+        new_heap()
+
+
+class CountingSysMemory(mem.SysMemory):
+    """For testing: counts reservations, so a refused Heap() is seen to make none."""
+
+    reserved = 0
+
+    def sys_reserve(self, *a, **kw):
+        CountingSysMemory.reserved += 1
+        return super().sys_reserve(*a, **kw)
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc"),
+    [
+        ({"efence_sample": -1}, ValueError),
+        ({"efence_sample": 1 << 31}, ValueError),
+        ({"efence_sample": 1.5}, TypeError),
+        ({"efence_sample": True}, TypeError),
+        ({"efence_sample": "3"}, TypeError),
+        ({"efence_sample": 5, "efence": True}, ValueError),
+        ({"efence_sample": 5, "guard": True}, ValueError),
+        ({"efence_sample": 5, "quarantine": -1}, ValueError),
+        ({"quarantine": 1 << 20}, ValueError),
+    ],
+    ids=[
+        "Negative",
+        "TooLarge",
+        "Float",
+        "Bool",
+        "Str",
+        "WithEfence",
+        "Guard",
+        "BadQuarantine",
+        "QuarantineAlone",
+    ],
+)
+def test_efence_sample_bad_values_refused_before_any_reservation(kw, exc):
+    before = CountingSysMemory.reserved
+    with pytest.raises(exc):
+        goheap.Heap(arena_size=GiB, sysmem=CountingSysMemory(), **kw)
+    assert CountingSysMemory.reserved == before
+
+
+# ---- frees, misuse and check() ---------------------------------------------------------------
+
+
+def test_efence_sample_mixed_frees_double_and_interior_frees():
+    with new_heap(efence_sample=3) as h:
+        ptrs = [h.malloc(n) for n in (48, 200, 40_000) * 30]
+        sampled = set(sampled_objects(h, ptrs))
+        normal = [p for p in ptrs if p not in sampled]
+        assert sampled and normal
+        s1, n1 = sorted(sampled)[0], normal[0]
+        # An interior pointer of either kind is refused, and nothing changes.
+        for p in (s1 + 8, n1 + 8):
+            with pytest.raises(goheap.InvalidFree) as ei:
+                h.free(p)
+            assert not isinstance(ei.value, goheap.DoubleFree)
+            h.check()
+        faulted0 = h.stats().efence_faulted
+        h.free(n1)  # a normal free: no efence path
+        assert h.stats().efence_faulted == faulted0
+        h.free(s1)  # a sampled free: faulted and quarantined
+        assert h.stats().efence_faulted > faulted0
+        with pytest.raises(goheap.DoubleFree):
+            h.free(s1)
+        h.check()
+        with pytest.raises(goheap.DoubleFree):
+            h.free(n1)
+        h.check()
+        for p in ptrs:
+            if p not in (s1, n1):
+                h.free(p)
+                if p in sampled:
+                    h.check()
+        st = h.stats()
+        assert st.heap_alloc == 0 and st.mallocs == st.frees == len(ptrs)
+        assert st.efence_sampled == len(sampled)
+        h.check()
+
+
+def test_efence_sample_quarantine_bounded_by_default():
+    with new_heap(efence_sample=1) as h:
+        n = efence.SAMPLE_QUARANTINE_SPANS + 40
+        for _ in range(n):
+            h.free(h.malloc(64))
+        st = h.stats()
+        ef = h._sampler
+        assert len(ef.faulted) == efence.SAMPLE_QUARANTINE_SPANS
+        assert st.efence_deleted == 40 and st.efence_sampled == n
+        assert ef.quarantine == efence.sample_quarantine_bytes(4 * GiB)
+        h.check()
+
+
+def test_efence_sample_quarantine_in_bytes():
+    with new_heap(efence_sample=1, quarantine=64 * KiB) as h:
+        for _ in range(50):
+            h.free(h.malloc(40_000))
+        st = h.stats()
+        assert 0 < st.efence_faulted <= 64 * KiB and st.efence_deleted > 0
+        h.check()
+
+
+def test_efence_sample_threads_then_check():
+    with new_heap(efence_sample=10) as h:
+
+        def work():
+            ptrs = [h.malloc(n) for n in (16, 300, 40_000) * 100]
+            for p in ptrs:
+                h.free(p)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        st = h.stats()
+        assert st.mallocs == st.frees == 1200 and st.heap_alloc == 0
+        assert 40 <= st.efence_sampled <= 300  # mean 120, sd about 6
+        h.check()
+
+
+def test_efence_sample_explain_names_sampled_objects():
+    with new_heap(efence_sample=1) as h:
+        p = h.malloc(100)
+        assert "overrun, 1 byte past the end" in h.explain(p + 112)
+        h.free(p)
+        assert "use after free" in h.explain(p)
+        assert "efence_sample=1" in repr(h)
+
+
+def test_efence_sample_zeroes_like_malloc():
+    with new_heap(efence_sample=1, quarantine=0) as h:
+        p = h.malloc(4000)
+        ctypes.memset(p, 0xAB, 4000)
+        h.free(p)
+        q = h.malloc(4000)  # the retired span's pages come back fresh
+        assert bytes(h.view(q)) == bytes(h.usable_size(q))
+        h.free(q)
+        h.check()
+
+
+def test_efence_sample_child_dies_on_overrun_of_sampled_object():
+    proc = run_child("""
+import ctypes, goheap
+h = goheap.Heap(arena_size=1 << 30, efence_sample=1)
+p = h.malloc(24)
+ctypes.memset(p + h.usable_size(p), 1, 1)
+""")
+    assert died_of_fault(proc), proc
+    assert "goheap: overrun at" in proc.stderr
