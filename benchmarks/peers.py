@@ -277,10 +277,42 @@ def _efence_settings(mod: Any, name: str, idx: int, set_env: dict[str, str]) -> 
     )
 
 
+# Run in a child: one byte written just past a 64-byte block of the peer must fault (64 is a
+# multiple of both libraries' default alignment, so the byte is on the guard page).
+OVERRUN_CHILD = """
+import sys
+sys.path.insert(0, {build!r})
+import {module} as m
+if m.lib.bp_open({idx}, {soname!r}) != 0:
+    sys.exit("bp_open: " + m.ffi.string(m.lib.bp_error()).decode())
+p = m.lib.bp_{short}_malloc(64)
+m.lib.bp_touch_addr(p + 64, 1, 1)
+"""
+
+
+def overrun_problem(idx: int, soname: str, short: str) -> str | None:
+    """None when an overrun of the peer's block faults in a child process, else what happened:
+    a peer that does not guard would make (f) compare goheap with the wrong thing."""
+    import signal
+    import subprocess
+
+    code = OVERRUN_CHILD.format(
+        build=str(BUILD_DIR), module=MODULE, idx=idx, soname=soname.encode(), short=short
+    )
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "the overrun check's child did not finish in 60 s"
+    if r.returncode in (-signal.SIGSEGV, -signal.SIGBUS):
+        return None
+    tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"a write one byte past a 64-byte block did not fault (exit {r.returncode}: {tail})"
+
+
 def load_efence_peers(mod: Any) -> tuple[list[Peer], list[tuple[str, str]]]:
     """Electric Fence and DUMA as C peers (workload f), or (name, reason) for each that cannot
-    load. Each is opened, started by one malloc+free under EFENCE_ENV, and checked to hand out
-    a pointer its own free takes back."""
+    load. Each is opened, started by one malloc+free under EFENCE_ENV, checked to hand out a
+    pointer its own free takes back, and checked in a child to fault on an overrun."""
     peers, skipped = [], []
     for name, (idx, soname, package) in EFENCE_PEERS.items():
         set_env = {k: v for k, v in EFENCE_ENV[name].items() if k not in os.environ}
@@ -292,6 +324,10 @@ def load_efence_peers(mod: Any) -> tuple[list[Peer], list[tuple[str, str]]]:
                     reason += f" (install Debian's {package}: {EFENCE_APT_HINT})"
                 skipped.append((name, reason))
                 continue
+            problem = overrun_problem(idx, soname, name.split("-", 1)[1])
+            if problem:
+                skipped.append((name, f"{soname}: {problem}"))
+                continue
             peer = _c_peer(mod, name)
             p = peer.ns["malloc"](64)
             if p == 0:
@@ -302,7 +338,8 @@ def load_efence_peers(mod: Any) -> tuple[list[Peer], list[tuple[str, str]]]:
             for k in set_env:
                 del os.environ[k]
         peer.note = (
-            f"{soname} from Debian's {package}, dlopen RTLD_LOCAL|RTLD_DEEPBIND, same call shape; "
+            f"{soname} from Debian's {package}, dlopen RTLD_LOCAL|RTLD_DEEPBIND, same call shape, "
+            "an overrun faults (checked in a child); "
             f"{_efence_settings(mod, name, idx, set_env)}; vm.max_map_count={max_map_count()}"
         )
         peers.append(peer)
