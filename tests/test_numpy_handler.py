@@ -475,6 +475,22 @@ def test_numpy_tracemalloc_domain_still_sees_arrays(heap):
         tracemalloc.stop()
 
 
+def test_numpy_traced_heap_leaves_arrays_to_numpys_domain():
+    tracemalloc.start()
+    try:
+        with goheap.Heap(arena_size=1 << 28, trace=True) as h:
+            with goheap.numpy_allocator(h):
+                a, b = np.empty(1000), np.empty(100000)
+            snap = tracemalloc.take_snapshot()
+            ours = snap.filter_traces([tracemalloc.DomainFilter(True, goheap.TRACEMALLOC_DOMAIN)])
+            numpys = snap.filter_traces([tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)])
+            assert not ours.traces, "traced once, by NumPy"
+            assert {8000, 800000} <= {t.size for t in numpys.traces}
+            assert on_heap(h, a) and on_heap(h, b)
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.pagesize
 def test_numpy_efence_heap_arrays_get_their_own_pages():
     with goheap.Heap(arena_size=1 << 30, efence=True) as h:
