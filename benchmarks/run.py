@@ -3,7 +3,8 @@
 
 Usage: ``python benchmarks/run.py [--quick] [--only a,b,...] [--repeats N]`` (``make bench``,
 ``make bench-quick``). Prints a table with PASS/FAIL per target and writes
-``benchmarks/results/latest.json`` and ``latest.png``. The exit status is 1 when a target FAILs
+``benchmarks/results/latest.json`` and ``latest.png`` (a quick run: ``results/quick/``; a run
+with ``--only``: ``results/partial/``; ``--out`` chooses). The exit status is 1 when a target FAILs
 (STRETCH FAIL and SKIP do not count), after everything has been written.
 
 The suite, one module per concern (benchmarks/ is not a package; this script puts it on sys.path):
@@ -60,8 +61,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--out",
         type=Path,
-        help=f"directory for latest.json/png (default {RESULTS}, quick runs {RESULTS / 'quick'}:"
-        " a quick run never overwrites the full run's figures the README shows)",
+        help=f"directory for latest.json/png (default {RESULTS}, quick runs {RESULTS / 'quick'},"
+        f" --only runs {RESULTS / 'partial'}: a quick or partial run never overwrites the full"
+        " run's figures the README shows)",
     )
     ap.add_argument(
         "--markdown",
@@ -73,7 +75,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rss-bytes", type=int, default=H.GiB, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.out is None:
-        args.out = RESULTS / "quick" if args.quick else RESULTS
+        if args.quick:
+            args.out = RESULTS / "quick"
+        elif args.only:
+            args.out = RESULTS / "partial"
+        else:
+            args.out = RESULTS
     unknown = (args.only or set()) - set(workloads.keys())
     if unknown:
         ap.error(f"--only: no workload {','.join(sorted(unknown))}")
