@@ -339,6 +339,19 @@ def lcache_flush(h: Any, max_n: int = 1024) -> list[int]:
     return [int(out[i]) for i in range(n[0])]
 
 
+def lcache_spare_put(h: Any, s: Any) -> None:
+    """Lend C the DEAD span struct s for cutting cached spans."""
+    ensure(lib.gh_lcache_spare_put(h, s), "lcache_spare_put")
+
+
+def lcache_spare_take(h: Any, max_n: int = 1024) -> list[int]:
+    """Take up to max_n spare structs back from C (DEAD): their addresses."""
+    out = ffi.new("uintptr_t[]", max_n)
+    n = ffi.new("uintptr_t *")
+    ensure(lib.gh_lcache_spare_take(h, out, max_n, n), "lcache_spare_take")
+    return [int(out[i]) for i in range(n[0])]
+
+
 def object_size(h: Any, v: int) -> tuple[int, int, int]:
     """(status, usable size, size class) of the object starting at v: OK for a
     live one, else what free(v) would say (EINVALID, EDOUBLE, ECORRUPT)."""

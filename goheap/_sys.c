@@ -858,25 +858,178 @@ static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero, int 
  * with h->lock held by its caller.
  * ------------------------------------------------------------------------ */
 
+/* The list a cached span of npages pages belongs on. */
+static inline uintptr_t lcache_list_of(uintptr_t npages)
+{
+    return npages > GH_LCACHE_MAX_PAGES ? GH_LCACHE_OVERSIZE : npages - GH_LCACHE_MIN_PAGES;
+}
+
 static inline void lcache_push(gh_mheap *h, gh_mspan *s)
 {
-    uintptr_t b = s->npages - GH_LCACHE_MIN_PAGES;
+    uintptr_t b = lcache_list_of(s->npages);
+    s->prev = NULL;
     s->next = h->lcache[b];
+    if (s->next != NULL)
+        s->next->prev = s;
     h->lcache[b] = s;
     h->lcache_mask[b / 64] |= 1ULL << (b % 64);
     h->lcache_bytes += s->npages << GH_PAGE_SHIFT;
     h->lcache_nspans++;
 }
 
+/* Take cached span s off its list, wherever it is on it. */
+static inline void lcache_unlink(gh_mheap *h, gh_mspan *s)
+{
+    uintptr_t b = lcache_list_of(s->npages);
+    if (s->prev != NULL)
+        s->prev->next = s->next;
+    else
+        h->lcache[b] = s->next;
+    if (s->next != NULL)
+        s->next->prev = s->prev;
+    if (h->lcache[b] == NULL)
+        h->lcache_mask[b / 64] &= ~(1ULL << (b % 64));
+    s->next = s->prev = NULL;
+    h->lcache_bytes -= s->npages << GH_PAGE_SHIFT;
+    h->lcache_nspans--;
+}
+
 static inline gh_mspan *lcache_pop(gh_mheap *h, uintptr_t b)
 {
     gh_mspan *s = h->lcache[b];
-    h->lcache[b] = s->next;
-    if (s->next == NULL)
-        h->lcache_mask[b / 64] &= ~(1ULL << (b % 64));
+    lcache_unlink(h, s);
+    return s;
+}
+
+/* Spare structs: DEAD, lent by Python (gh_lcache_spare_put) for cutting a
+ * cached span in two, given back by coalescing. */
+static inline void spare_push(gh_mheap *h, gh_mspan *s)
+{
+    s->state = GH_MSPAN_DEAD;
+    s->prev = NULL;
+    s->next = h->lcache_spare;
+    h->lcache_spare = s;
+    h->lcache_nspare++;
+}
+
+static inline gh_mspan *spare_pop(gh_mheap *h)
+{
+    gh_mspan *s = h->lcache_spare;
+    h->lcache_spare = s->next;
     s->next = NULL;
-    h->lcache_bytes -= s->npages << GH_PAGE_SHIFT;
-    h->lcache_nspans--;
+    h->lcache_nspare--;
+    return s;
+}
+
+/* Point the spans-table entries of npages pages from v at s.  Four entries
+ * a step, which the compiler turns into two 16-byte stores: a cut and its
+ * join rewrite up to a few hundred entries per round trip, and one store a
+ * step made that a third of a 4 MiB round trip (measured). */
+static inline void spans_point(gh_mheap *h, uintptr_t v, uintptr_t npages, gh_mspan *s)
+{
+    gh_mspan **slot = spans_slot(h, v);
+    uintptr_t i = 0;
+    for (; i + 4 <= npages; i += 4) {
+        slot[i] = s;
+        slot[i + 1] = s;
+        slot[i + 2] = s;
+        slot[i + 3] = s;
+    }
+    for (; i < npages; i++)
+        slot[i] = s;
+}
+
+/* Cut cached span s (off its list, longer than npages) in two: the first
+ * npages pages, returned for the caller to hand out, and the rest, which
+ * stays cached with a boundary bit at its start.  The shorter part gets a
+ * spare struct, so the spans table is rewritten for the fewer pages (both
+ * parts map every page, as a cached or in-use span does).  A spare must be
+ * there (the caller checked). */
+static gh_mspan *lcache_cut(gh_mheap *h, gh_mspan *s, uintptr_t npages)
+{
+    gh_mspan *t = spare_pop(h), *front, *back;
+    uintptr_t rest = s->npages - npages, cut = s->start + (npages << GH_PAGE_SHIFT);
+
+    t->sizeclass = 0;
+    t->incache = t->inlist = 0;
+    t->freelist = 0;
+    t->nelems = 0;
+    t->ref = 0;
+    t->needzero = 1;
+    if (npages <= rest) {
+        front = t;
+        back = s;
+        front->start = s->start;
+        spans_point(h, s->start, npages, front);
+    } else {
+        front = s;
+        back = t;
+        spans_point(h, cut, rest, back);
+    }
+    front->npages = npages;
+    back->start = cut;
+    back->npages = rest;
+    back->state = GH_MSPAN_CACHED;
+    back->elemsize = rest << GH_PAGE_SHIFT;
+    back->base = cut;
+    back->limit = cut + back->elemsize;
+    bitmap_set(h, cut, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
+    lcache_push(h, back);
+    return front;
+}
+
+/* Join cached spans lo and hi (hi starts where lo ends; both off their
+ * lists) into one, which is returned off any list.  The longer keeps its
+ * struct, so the spans table is rewritten for the shorter one's pages, and
+ * the shorter's struct becomes a spare; hi's start is no object start any
+ * more and loses its boundary bit. */
+static gh_mspan *lcache_join(gh_mheap *h, gh_mspan *lo, gh_mspan *hi)
+{
+    gh_mspan *keep = lo->npages >= hi->npages ? lo : hi;
+    gh_mspan *gone = keep == lo ? hi : lo;
+    bitmap_set(h, hi->start, 0, GH_BIT_BOUNDARY | GH_BIT_ALLOCATED);
+    spans_point(h, gone->start, gone->npages, keep);
+    keep->start = lo->start;
+    keep->npages = lo->npages + hi->npages;
+    keep->elemsize = keep->npages << GH_PAGE_SHIFT;
+    keep->base = keep->start;
+    keep->limit = keep->start + keep->elemsize;
+    spare_push(h, gone);
+    return keep;
+}
+
+/* The cached span at address v's page if one starts (start) or ends (end)
+ * exactly there, else NULL.  A spans-table entry may be stale (a free
+ * span maps only its ends) or NULL, but always points at a struct of this
+ * heap, which is read, never trusted: only a CACHED span whose own extent
+ * matches counts. */
+static inline gh_mspan *cached_at(const gh_mheap *h, uintptr_t page, uintptr_t start, uintptr_t end)
+{
+    gh_mspan *t = *spans_slot(h, page);
+    if (t == NULL || t->state != GH_MSPAN_CACHED)
+        return NULL;
+    if (start != 0 && t->start != start)
+        return NULL;
+    if (end != 0 && t->start + (t->npages << GH_PAGE_SHIFT) != end)
+        return NULL;
+    return t;
+}
+
+/* Coalesce cached span s (on no list) with cached neighbours on either
+ * side; returns the span holding them all, on no list. */
+static gh_mspan *lcache_coalesce(gh_mheap *h, gh_mspan *s)
+{
+    uintptr_t end = s->start + (s->npages << GH_PAGE_SHIFT);
+    gh_mspan *t;
+    if (end < h->arena_used && (t = cached_at(h, end, end, 0)) != NULL) {
+        lcache_unlink(h, t);
+        s = lcache_join(h, s, t);
+    }
+    if (s->start > h->arena_start &&
+        (t = cached_at(h, s->start - GH_PAGE_SIZE, 0, s->start)) != NULL) {
+        lcache_unlink(h, t);
+        s = lcache_join(h, t, s);
+    }
     return s;
 }
 
@@ -926,11 +1079,35 @@ static inline long lcache_find(const gh_mheap *h, uintptr_t lo, uintptr_t hi)
     }
 }
 
+/* Off its list, the shortest cached span longer than hi pages that leaves
+ * a cacheable rest (GH_LCACHE_MIN_PAGES or more) after npages are cut from
+ * it, or NULL.  The oversize list is searched first fit. */
+static gh_mspan *lcache_take_longer(gh_mheap *h, uintptr_t npages, uintptr_t hi)
+{
+    uintptr_t lo = npages + GH_LCACHE_MIN_PAGES;
+    gh_mspan *s;
+    long b;
+    if (lo <= hi)
+        lo = hi + 1;
+    if (lo <= GH_LCACHE_MAX_PAGES &&
+        (b = lcache_find(h, lo - GH_LCACHE_MIN_PAGES, GH_LCACHE_BINS - 1)) >= 0)
+        return lcache_pop(h, (uintptr_t)b);
+    for (s = h->lcache[GH_LCACHE_OVERSIZE]; s != NULL; s = s->next) {
+        if (s->npages >= lo) {
+            lcache_unlink(h, s);
+            return s;
+        }
+    }
+    return NULL;
+}
+
 /* A large object of size bytes (> GH_MAX_SMALL_SIZE) from the cache, laid
  * out as Python's _malloc_large lays one out: the whole span is the object.
- * A span up to 1/8 longer than asked for is taken too: a miss costs a trip
- * through Python's page heap, and the usable size says what was given.
- * Returns 0 on a miss. */
+ * A span up to 1/8 longer than asked for is taken whole: a cut costs a
+ * spans-table rewrite, and the usable size says what was given.  Else the
+ * object is cut from the shortest longer span, oversize ones included,
+ * which after coalescing is mostly the memory the last free gave back, still
+ * in the CPU cache when it is cleared.  Returns 0 on a miss. */
 static uintptr_t lcache_alloc(gh_mheap *h, uintptr_t size, int zero)
 {
     uintptr_t npages, hi, nbytes;
@@ -944,9 +1121,12 @@ static uintptr_t lcache_alloc(gh_mheap *h, uintptr_t size, int zero)
     if (hi > GH_LCACHE_MAX_PAGES)
         hi = GH_LCACHE_MAX_PAGES;
     b = lcache_find(h, npages - GH_LCACHE_MIN_PAGES, hi - GH_LCACHE_MIN_PAGES);
-    if (b < 0)
+    if (b >= 0)
+        s = lcache_pop(h, (uintptr_t)b);
+    else if (h->lcache_spare != NULL && (s = lcache_take_longer(h, npages, hi)) != NULL)
+        s = lcache_cut(h, s, npages);
+    else
         return 0;
-    s = lcache_pop(h, (uintptr_t)b);
     nbytes = s->npages << GH_PAGE_SHIFT;
     s->state = GH_MSPAN_IN_USE;
     s->ref = 1;
@@ -967,9 +1147,12 @@ static uintptr_t lcache_alloc(gh_mheap *h, uintptr_t size, int zero)
     return s->start;
 }
 
-/* free(v) of the live large object of span s into the cache: 1 if taken,
- * 0 if Python must free it (no cache, an efence or odd-shaped object, a size
- * outside the bins, or the cache at its cap). */
+/* free(v) of the live large object of span s into the cache, coalesced
+ * with its cached neighbours: 1 if taken, 0 if Python must free it (no
+ * cache, an efence or odd-shaped object, a size outside the bins, or the
+ * cache at its cap).  A second free of v is a DoubleFree while v still
+ * starts a cached span, an InvalidFree once it was coalesced away (as for
+ * a span the page heap took back). */
 static int lcache_put(gh_mheap *h, gh_mspan *s, uintptr_t v)
 {
     uintptr_t nbytes = s->npages << GH_PAGE_SHIFT;
@@ -980,7 +1163,7 @@ static int lcache_put(gh_mheap *h, gh_mspan *s, uintptr_t v)
     bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
     s->ref = 0;
     s->state = GH_MSPAN_CACHED;
-    lcache_push(h, s);
+    lcache_push(h, lcache_coalesce(h, s));
     h->nlargefree++;
     h->largefree += nbytes;
     h->live_bytes -= nbytes;
@@ -1013,28 +1196,41 @@ int gh_large_account(gh_mheap *h, uint64_t nalloc, uint64_t alloc_bytes, uint64_
     return GH_OK;
 }
 
+/* Whether cached span s, found on list b after prev, keeps the cache's
+ * invariants (see _sys.h): state, list, links, extent, bitmap, and no
+ * cached neighbour after it (so none before it either). */
+static int lcache_span_ok(const gh_mheap *h, const gh_mspan *s, uintptr_t b, const gh_mspan *prev)
+{
+    uintptr_t end;
+    uint64_t bits;
+    if (s->state != GH_MSPAN_CACHED || s->sizeclass != 0 || s->ref != 0 || s->prev != prev ||
+        lcache_list_of(s->npages) != b || s->npages < GH_LCACHE_MIN_PAGES ||
+        s->start < h->arena_start || s->start % GH_PAGE_SIZE != 0 ||
+        s->npages > (h->arena_used - s->start) >> GH_PAGE_SHIFT)
+        return 0;
+    bits = bitmap_bits(h, s->start);
+    if ((bits & GH_BIT_ALLOCATED) || !(bits & GH_BIT_BOUNDARY))
+        return 0;
+    end = s->start + (s->npages << GH_PAGE_SHIFT);
+    return end >= h->arena_used || cached_at(h, end, end, 0) == NULL;
+}
+
 /* Every cached span's struct address into out[0..max), checking the cache's
- * invariants in C memory on the way: GH_ECORRUPT at the first broken one. */
+ * invariants in C memory on the way (the spares' too): GH_ECORRUPT at the
+ * first broken one. */
 int gh_lcache_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
 {
-    uintptr_t b, k = 0, bytes = 0;
+    uintptr_t b, k = 0, bytes = 0, nspare = 0;
+    const gh_mspan *t;
     int st = GH_OK;
     if (h == NULL || out == NULL || n == NULL || !heap_lock_open(h))
         return GH_EARG;
-    for (b = 0; b < GH_LCACHE_BINS && st == GH_OK; b++) {
-        const gh_mspan *s = h->lcache[b];
+    for (b = 0; b < GH_LCACHE_LISTS && st == GH_OK; b++) {
+        const gh_mspan *s = h->lcache[b], *prev = NULL;
         if ((s != NULL) != ((h->lcache_mask[b / 64] >> (b % 64)) & 1))
             st = GH_ECORRUPT;
-        for (; s != NULL && st == GH_OK; s = s->next) {
-            uint64_t bits;
-            if (k == max || s->state != GH_MSPAN_CACHED || s->sizeclass != 0 || s->ref != 0 ||
-                s->npages != b + GH_LCACHE_MIN_PAGES || s->start < h->arena_start ||
-                s->start + (s->npages << GH_PAGE_SHIFT) > h->arena_used) {
-                st = GH_ECORRUPT;
-                break;
-            }
-            bits = bitmap_bits(h, s->start);
-            if ((bits & GH_BIT_ALLOCATED) || !(bits & GH_BIT_BOUNDARY)) {
+        for (; s != NULL && st == GH_OK; prev = s, s = s->next) {
+            if (k == max || !lcache_span_ok(h, s, b, prev)) {
                 st = GH_ECORRUPT;
                 break;
             }
@@ -1044,6 +1240,11 @@ int gh_lcache_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
     }
     if (st == GH_OK && (k != h->lcache_nspans || bytes != h->lcache_bytes ||
                         bytes > h->lcache_limit))
+        st = GH_ECORRUPT;
+    for (t = h->lcache_spare; t != NULL && st == GH_OK; t = t->next)
+        if (t->state != GH_MSPAN_DEAD || ++nspare > h->lcache_nspare)
+            st = GH_ECORRUPT;
+    if (st == GH_OK && nspare != h->lcache_nspare)
         st = GH_ECORRUPT;
     *n = k;
     heap_unlock(h);
@@ -1058,7 +1259,7 @@ int gh_lcache_flush(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
     uintptr_t b, k = 0;
     if (h == NULL || out == NULL || n == NULL || !heap_lock_open(h))
         return GH_EARG;
-    for (b = 0; b < GH_LCACHE_BINS && k < max; b++) {
+    for (b = 0; b < GH_LCACHE_LISTS && k < max; b++) {
         while (h->lcache[b] != NULL && k < max) {
             gh_mspan *s = lcache_pop(h, b);
             bitmap_set(h, s->start, 0, GH_BIT_BOUNDARY);
@@ -1066,6 +1267,34 @@ int gh_lcache_flush(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
             out[k++] = (uintptr_t)s;
         }
     }
+    *n = k;
+    heap_unlock(h);
+    return GH_OK;
+}
+
+/* Lend C the DEAD struct s as a spare for cutting cached spans.  The
+ * caller keeps owning it (Python's wrapper stays) and takes it back with
+ * gh_lcache_spare_take before it may reuse or release it. */
+int gh_lcache_spare_put(gh_mheap *h, gh_mspan *s)
+{
+    if (h == NULL || s == NULL || s->state != GH_MSPAN_DEAD)
+        return GH_EARG;
+    if (!heap_lock_open(h))
+        return GH_EARG;
+    spare_push(h, s);
+    heap_unlock(h);
+    return GH_OK;
+}
+
+/* Take up to max spares back (their addresses into out[0..*n)): the ones
+ * Python lent and the ones coalescing freed, all DEAD. */
+int gh_lcache_spare_take(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
+{
+    uintptr_t k = 0;
+    if (h == NULL || out == NULL || n == NULL || !heap_lock_open(h))
+        return GH_EARG;
+    while (h->lcache_spare != NULL && k < max)
+        out[k++] = (uintptr_t)spare_pop(h);
     *n = k;
     heap_unlock(h);
     return GH_OK;

@@ -52,15 +52,22 @@
 
 /* ---- the large-span cache ----------------------------------------------
  * Freed large spans of GH_LCACHE_MIN_PAGES..GH_LCACHE_MAX_PAGES pages (the
- * sizes NumPy buffers come in) are kept whole, binned by page count, so a
- * large malloc/free round trip stays in C (jemalloc's large tcache bins).
+ * sizes NumPy buffers come in) are kept, binned by page count, so a large
+ * malloc/free round trip stays in C (jemalloc's large tcache bins).  A freed
+ * span coalesces with cached neighbours, and a request no bin fits is cut
+ * from a larger cached span, so distinct sizes keep reusing the same (cache
+ * warm) memory, as glibc's top chunk does; spans coalesced past
+ * GH_LCACHE_MAX_PAGES wait in one more list, GH_LCACHE_OVERSIZE.
  * To MHeap a cached span is still allocated (heap_inuse); stats report it
- * idle.  Python sets the cap and flushes the cache back to MHeap before
- * growing, when scavenging and at check() time it lists it. */
+ * idle.  Python sets the cap, lends the spare span structs a cut needs
+ * (a coalescing gives one back) and flushes the cache back to MHeap before
+ * growing and when scavenging; at check() time it lists it. */
 #define GH_LCACHE_MIN_PAGES 5    /* ceil((32 KiB + 1) / 8 KiB): the smallest large object */
 #define GH_LCACHE_MAX_PAGES 512  /* 4 MiB */
 #define GH_LCACHE_BINS (GH_LCACHE_MAX_PAGES - GH_LCACHE_MIN_PAGES + 1)
-#define GH_LCACHE_MASK_WORDS ((GH_LCACHE_BINS + 63) / 64)
+#define GH_LCACHE_OVERSIZE GH_LCACHE_BINS  /* the list of spans > MAX_PAGES */
+#define GH_LCACHE_LISTS (GH_LCACHE_BINS + 1)
+#define GH_LCACHE_MASK_WORDS ((GH_LCACHE_LISTS + 63) / 64)
 
 /* ---- free-span event bits returned by gh_mcache_free -------------------- */
 #define GH_FREED_LARGE        4  /* a large/efence object: Python frees its span */
@@ -123,12 +130,18 @@ typedef struct gh_mheap {
      * start carries a boundary bit and no allocated bit (so a second free is
      * a double free), every page maps to it; bit b of lcache_mask is set iff
      * lcache[b] is not empty; lcache_bytes and lcache_nspans add them up and
-     * lcache_bytes <= lcache_limit (0: no cache, as in efence mode). */
-    gh_mspan *lcache[GH_LCACHE_BINS];
+     * lcache_bytes <= lcache_limit (0: no cache, as in efence mode).
+     * lcache[GH_LCACHE_OVERSIZE] holds the spans of more pages.  Lists are
+     * doubly linked (next/prev), so coalescing unlinks a neighbour in O(1);
+     * no two cached spans touch (a free coalesces with both neighbours).
+     * Spares: lcache_nspare DEAD structs Python lent, linked through next. */
+    gh_mspan *lcache[GH_LCACHE_LISTS];
     uint64_t  lcache_mask[GH_LCACHE_MASK_WORDS];
     uint64_t  lcache_bytes;
     uint64_t  lcache_nspans;
     uint64_t  lcache_limit;
+    gh_mspan *lcache_spare;                /* DEAD structs for cutting spans  */
+    uint64_t  lcache_nspare;
     uint64_t  next_tick_ns;  /* Python's next scavenger tick (monotonic ns): the
                               * large paths defer to Python once it has passed */
     /* heap_alloc kept as one figure beside the class counts it equals, so
@@ -192,6 +205,8 @@ int gh_large_account(gh_mheap *h, uint64_t nalloc, uint64_t alloc_bytes, uint64_
                      uint64_t free_bytes);
 int gh_lcache_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n);
 int gh_lcache_flush(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n);
+int gh_lcache_spare_put(gh_mheap *h, gh_mspan *s);              /* s DEAD, else GH_EARG */
+int gh_lcache_spare_take(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n);
 int gh_object_size(gh_mheap *h, uintptr_t v, uintptr_t *size, uint32_t *sizeclass);
 int gh_realloc_in_place(gh_mheap *h, uintptr_t v, uintptr_t n); /* 0, GH_MISS, free's verdict */
 int gh_mheap_peak(gh_mheap *h, int reset, uint64_t *live, uint64_t *peak);

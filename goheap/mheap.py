@@ -57,6 +57,10 @@ GROW_ROUND_PAGES = 16  # ... in multiples of 128 KiB
 MAX_MEM = 128 << 30  # Go's MaxMem: the default 64-bit arena
 MAX_ARENA32 = 2 << 30  # what a 32-bit bitmap and spans table can describe
 LCACHE_CAP = 256 << 20  # at most this much freed large memory kept whole in C
+# Spare span structs C holds for cutting a cached span in two; coalescing gives
+# one back per join, so a handful covers a burst of allocations between frees.
+# Topped up whenever Python allocates a span, taken back with the cache.
+LCACHE_SPARES = 8
 ARENA32_INITIAL = 512 << 20
 ARENA32_GROW = 256 << 20  # 32-bit growth reserves in these units
 SCAVENGE_AFTER = 300.0  # seconds a span stays free before it is released (Go: 5 min)
@@ -536,7 +540,22 @@ class MHeap:
             s = self._find(npage)
             if s is None:
                 throw(f"alloc_span_locked: no span of {npage} pages after growing")
-        return self._have_span(s, npage)
+        s = self._have_span(s, npage)
+        self._lend_spares()
+        return s
+
+    def _lend_spares(self) -> None:
+        """Top C's spare span structs up to LCACHE_SPARES (a cut in C needs one).
+        Advice: without a struct to spare, C's cuts miss to Python."""
+        if not int(self.c.lcache_limit):
+            return
+        try:
+            for _ in range(LCACHE_SPARES - int(self.c.lcache_nspare)):
+                t = self.spanalloc.alloc()
+                t.init(0, 0)
+                _native.lcache_spare_put(self.c, t.handle())
+        except (OutOfMemory, OSError):
+            pass
 
     def alloc_span_aligned_locked(self, npage: int, align: int) -> MSpan:
         """An IN_USE span of npage pages whose start is a multiple of ``align``
@@ -701,11 +720,12 @@ class MHeap:
 
     def flush_lcache_locked(self) -> int:
         """Free every span of C's large cache into the page heap, where it
-        coalesces; the number of spans."""
+        coalesces, and take C's spare structs back; the number of spans."""
         n = 0
         while True:
             batch = _native.lcache_flush(self.c)
             if not batch:
+                self._take_spares()
                 return n
             for addr in batch:
                 s = self.span_of(addr)
@@ -713,6 +733,17 @@ class MHeap:
                     throw(f"the large cache held an unknown span struct {addr:#x}")
                 self.free_span_locked(s)
             n += len(batch)
+
+    def _take_spares(self) -> None:
+        while True:
+            batch = _native.lcache_spare_take(self.c)
+            if not batch:
+                return
+            for addr in batch:
+                t = self.span_of(addr)
+                if t is None or t.state != SpanState.DEAD:
+                    throw(f"the large cache gave back a spare that is not a dead struct: {addr:#x}")
+                self.spanalloc.free(t)
 
     def _maybe_scavenge(self) -> None:
         now = self.clock()

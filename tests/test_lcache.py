@@ -1,10 +1,13 @@
-"""The large cache: freed large spans that C keeps whole, so a large malloc/free
+"""The large cache: freed large spans that C keeps, so a large malloc/free
 round trip never enters Python (issue 13).
 
 What it must be, beside fast: invisible to correctness.  A cached span is idle
-memory in stats(), a second free of its object is a DoubleFree, check() walks
-it in C memory and catches it broken, it goes back to the page heap before the
+memory in stats(), a second free of its object is a DoubleFree while the span
+is whole (an InvalidFree once it coalesced into a neighbour), check() walks it
+in C memory and catches it broken, it goes back to the page heap before the
 heap grows, on the scavenger's tick and on scavenge(), and efence has none.
+Freed spans coalesce with cached neighbours and a size no bin holds is cut
+from a longer span, so distinct sizes keep reusing the same memory.
 """
 
 from __future__ import annotations
@@ -119,9 +122,11 @@ def test_scavenge_empties_the_cache_and_gives_its_pages_back(h):
     assert all(resident(p, MiB) == MiB for p in ps)
     for p in ps:
         h.free(p)
-    assert h._c.lcache_nspans == 16
+    assert h._c.lcache_bytes == 16 * MiB
+    assert h._c.lcache_nspans == 1  # adjacent: coalesced into one oversize span
     released = h.scavenge()
     assert h._c.lcache_nspans == 0 and h._c.lcache_bytes == 0
+    assert h._c.lcache_nspare == 0  # the spare structs went back with the cache
     assert released >= 16 * MiB
     assert sum(resident(p, MiB) for p in ps) == 0
     st = h.stats()
@@ -153,9 +158,9 @@ def test_a_cache_under_half_its_cap_keeps_serving_while_the_heap_grows():
         used = h.arena_used
         big = h.malloc(8 * MiB)
         assert h.arena_used > used  # the heap grew beside the cache
-        assert h._c.lcache_nspans == 4
+        assert h._c.lcache_bytes == 4 * MiB and h._c.lcache_nspans == 1  # coalesced
         q = h.malloc(1 * MiB)
-        assert q in ps  # and the cache still serves from C
+        assert q == min(ps)  # and the cache still serves from C, cut from its front
         h.free(q)
         h.free(big)
         h.check()
@@ -245,4 +250,112 @@ def test_threads_share_the_cache(h):
     assert not errors, errors
     st = h.stats()
     assert st.mallocs == st.frees == 8000
+    h.check()
+
+
+def test_a_freed_span_coalesces_with_cached_neighbours_on_both_sides(h):
+    a, b, c = (h.malloc(64 * KiB) for _ in range(3))  # 8 pages each, adjacent
+    guard = h.malloc(64 * KiB)  # live: nothing after c coalesces
+    assert b == a + 64 * KiB and c == b + 64 * KiB
+    h.free(a)
+    h.free(c)
+    assert h._c.lcache_nspans == 2
+    h.check()
+    h.free(b)  # joins a before it and c after it
+    assert h._c.lcache_nspans == 1 and h._c.lcache_bytes == 3 * 64 * KiB
+    h.check()
+    with pytest.raises(goheap.DoubleFree):
+        h.free(a)  # still the start of a cached span
+    for gone in (b, c):  # starts coalesced away: no object, as in the page heap
+        with pytest.raises(goheap.InvalidFree):
+            h.free(gone)
+        assert "cache" in h.explain(gone)
+    h.check()
+    h.free(guard)
+    h.check()
+
+
+def test_distinct_sizes_are_cut_from_the_memory_the_last_free_gave_back(h):
+    p = h.malloc(4 * MiB)
+    h.free(p)  # the cache holds 512 pages
+    npages = [5, 400, 17, 128, 9, 250, 64, 6, 333, 40]
+
+    got = []
+
+    def cycle():
+        for n in npages:
+            q = h.malloc(n * PAGE_SIZE - 100)
+            got.append(q)
+            h.free(q)
+
+    assert goheap_python_calls(cycle) == 0
+    assert got == [p] * len(npages)  # cut from the front of the same span, every time
+    for n in npages:
+        q = h.malloc(n * PAGE_SIZE - 100, zero=False)
+        assert q == p and h.usable_size(q) == n * PAGE_SIZE
+        h.view(q)[:8] = b"dirtydir"
+        h.free(q)
+    assert h._c.lcache_nspans == 1 and h._c.lcache_bytes == 4 * MiB
+    for n in npages:  # zeroed reuse clears what the last user wrote
+        q = h.malloc(n * PAGE_SIZE)
+        assert h.view(q).tobytes() == bytes(n * PAGE_SIZE)
+        h.view(q)[:] = b"\xaa" * (n * PAGE_SIZE)
+        h.free(q)
+    h.check()
+    st = h.stats()
+    assert st.heap_alloc == 0 and st.heap_objects == 0
+
+
+def test_a_cut_leaves_a_cacheable_rest_or_misses(h):
+    p = h.malloc(72 * KiB)  # 9 pages
+    h.free(p)
+    q = h.malloc(40 * KiB)  # 5 pages would leave 4, too few for the cache: not cut
+    assert q != p and h.usable_size(q) == 40 * KiB
+    r = h.malloc(32 * KiB + 1)  # 5 pages again, now from the page heap too
+    assert r not in (p, q)
+    h.free(q)
+    h.free(r)
+    h.check()
+
+
+def test_every_page_of_a_cut_or_coalesced_span_maps_to_it(h):
+    ps = [h.malloc(n * PAGE_SIZE) for n in (7, 13, 5)]
+    guard = h.malloc(40 * KiB)
+    for p in ps:
+        h.free(p)
+    (block,) = _native.lcache_list(h._c)
+    s = h._h.span_of(block)
+    assert s.state == _native.MSPAN_CACHED and s.npages == 25
+    assert _native.spans_mismatch(h._c, s.start, s.npages, s.handle()) == 0
+    q = h.malloc(6 * PAGE_SIZE)  # a cut: 6 pages out, 19 stay cached
+    assert q == ps[0]
+    t = h._h.lookup(q)
+    assert t.npages == 6 and _native.spans_mismatch(h._c, q, 6, t.handle()) == 0
+    (rest,) = (h._h.span_of(a) for a in _native.lcache_list(h._c))
+    assert rest.start == q + 6 * PAGE_SIZE and rest.npages == 19
+    assert _native.spans_mismatch(h._c, rest.start, 19, rest.handle()) == 0
+    h.check()
+    h.free(q)
+    h.free(guard)
+    h.check()
+
+
+def test_spare_structs_are_lent_and_taken_back(h):
+    h.free(h.malloc(1 * MiB))
+    lent = h._c.lcache_nspare
+    assert lent > 0
+    live = h._h.spanalloc.inuse
+    h.scavenge()
+    assert h._c.lcache_nspare == 0
+    assert h._h.spanalloc.inuse < live  # the structs went back to the span allocator
+    h.check()
+
+
+def test_check_catches_a_broken_spare_list(h):
+    h.free(h.malloc(1 * MiB))
+    assert h._c.lcache_nspare > 0
+    h._c.lcache_nspare += 1  # the count disagrees with the list
+    with pytest.raises(goheap.HeapCorruption, match="large cache"):
+        h.check()
+    h._c.lcache_nspare -= 1
     h.check()
