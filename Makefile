@@ -89,6 +89,16 @@ bench: bench-deps
 bench-quick: bench-deps
 	$(PY) benchmarks/run.py --quick
 
+# NumPy's own tests (they ship in its wheel) without the pytest plugin, with
+# --goheap=normal and with --goheap=sample:100: the same outcomes, and the time
+# each run takes (issue 15; README "The pytest plugin").  Minutes; not in make test,
+# which runs a few hundred of them (tests/test_pytest_plugin.py).
+# NUMPY_SUITE_ARGS: e.g. --quick, or module names.
+.PHONY: numpy-suite
+NUMPY_SUITE_ARGS ?=
+numpy-suite: build
+	$(PY) benchmarks/numpy_suite.py $(NUMPY_SUITE_ARGS)
+
 # Reliability (issue 8).  sanitize: the C core built with ASan + UBSan in a
 # copy of the tree (build/asan/src, its own venv), the test suite run there with
 # the ASan runtime preloaded (CPython itself is not instrumented; it leaks by

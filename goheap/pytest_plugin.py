@@ -1,0 +1,240 @@
+"""The pytest plugin: NumPy's array data on a goheap heap for a whole test session.
+
+See goheap/malloc.py for the overview and goheap/numpy_handler.py for the NEP 49 handler.
+
+    pytest --goheap=efence       every array on pages of its own, a guard page after it,
+                                 faulted when freed: an overrun or a use-after-free by C
+                                 code faults at the instruction that made it
+    pytest --goheap=sample:100   about one allocation in 100 so (the rest on the normal
+                                 path): cheap enough to leave on in CI
+    pytest --goheap=normal       every array on a normal goheap heap (no guards)
+    pytest --goheap=off          the default: the plugin does nothing
+
+The mode may also come from the ``goheap`` ini key or the GOHEAP_PYTEST environment
+variable; the command line wins over the environment, which wins over the ini file.
+``-p no:goheap`` unloads the plugin.  A bad mode is a usage error (exit status 4).
+
+What a session does (``pytest_configure``, after pytest's own faulthandler plugin):
+make the heap, install goheap's fault reporter, then enter
+``goheap.numpy_allocator(heap)`` for the rest of the session.  The order matters:
+the reporter chains to whatever SIGSEGV handler was there when it was installed,
+so installing it after ``faulthandler.enable()`` gives, on a goheap fault, first
+goheap's line (``goheap: overrun ...``: address, offset, object) and then
+faulthandler's Python stack, which names the test.  Installed before, the reporter
+would only see faulthandler's re-raise.  At the end the terminal summary gets one
+line, ``goheap: <mode>: N mallocs, ... peak B bytes, E efence objects ...``.
+
+Lifetime.  Threads started by a test begin with NumPy's default handler on
+Python <= 3.13 (NumPy keeps the handler in a context variable), so their arrays
+are not on the heap.  Arrays made during the session may outlive it (a module
+global, a cache): each keeps the handler it was made with, and the heap is
+closed at ``pytest_unconfigure`` only because ``Heap.close()`` leaves mapped
+whatever such an array can still reach (goheap/numpy_handler.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+ENV = "GOHEAP_PYTEST"
+INI = "goheap"
+# The efence heap's quarantine: freed objects stay faulted (a use-after-free
+# faults) until this many bytes of newer ones are faulted after them, then their
+# pages are recycled.  Faulted pages cost address space and a little of
+# goheap's Python bookkeeping, not memory; without a bound a long suite makes
+# millions of faulted spans and grows those books without end.  256 MiB keeps
+# at least the last 16,384 small objects (8 KiB unit + 8 KiB guard each).
+EFENCE_QUARANTINE = 256 << 20
+# The efence heap's right alignment (Heap(efence=True, align=)): an object ends
+# exactly at its guard page when its size is a multiple of this, so for every
+# array of 8-byte elements (float64, int64, complex, pointers) the first
+# element past the end faults.  Smaller elements may leave up to 7 bytes of
+# padding before the guard.  8 keeps every array aligned as NumPy's default
+# allocator would for 8-byte types, and the C free path sees every object.
+EFENCE_ALIGN = 8
+
+_CAPTURE_SWITCHED = pytest.StashKey[bool]()
+_MODE = re.compile(r"(normal|efence|off)|sample:(\d+)")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A parsed ``--goheap`` value: ``name`` is normal, efence or sample;
+    ``sample`` is N of sample:N (about one allocation in N is an efence object)."""
+
+    name: str
+    sample: int = 0
+
+    def __str__(self) -> str:
+        return f"sample:{self.sample}" if self.name == "sample" else self.name
+
+    def heap_options(self) -> dict[str, Any]:
+        """goheap.Heap's keyword arguments for this mode."""
+        if self.name == "efence":
+            return {
+                "efence": True,
+                "guard": "after",
+                "align": EFENCE_ALIGN,
+                "quarantine": EFENCE_QUARANTINE,
+            }
+        if self.name == "sample":
+            return {"efence": False, "efence_sample": self.sample}
+        return {"efence": False}
+
+
+def parse_mode(text: str) -> Mode | None:
+    """``--goheap``'s value as a Mode, or None for "off" (and "").  ValueError
+    says what is accepted."""
+    if not text.strip():
+        return None
+    m = _MODE.fullmatch(text.strip())
+    if m is None or (m.group(2) is not None and int(m.group(2)) < 1):
+        raise ValueError(
+            f"--goheap={text}: expected normal, efence, sample:N (N >= 1, about one "
+            "allocation in N guarded) or off"
+        )
+    if m.group(1) == "off":
+        return None
+    if m.group(1):
+        return Mode(m.group(1))
+    return Mode("sample", int(m.group(2)))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("goheap", "goheap: NumPy array data on a goheap heap")
+    group.addoption(
+        "--goheap",
+        action="store",
+        dest="goheap",
+        default=None,
+        metavar="MODE",
+        help="put NumPy's array data on a goheap heap for the session: normal, efence "
+        "(guard pages: overruns and use-after-free fault at once), sample:N (about "
+        f"one allocation in N guarded) or off (default; also ${ENV} or ini '{INI}')",
+    )
+    parser.addini(INI, f"goheap's --goheap mode when not on the command line or in ${ENV}")
+
+
+def _mode_text(config: pytest.Config, opt: str | None) -> tuple[str, str]:
+    """The mode's text and where it came from (for the usage error); ``opt``
+    is --goheap's value, None when not given."""
+    if opt is not None:
+        return opt, "--goheap"
+    env = os.environ.get(ENV)
+    if env is not None:
+        return env, ENV
+    return str(config.getini(INI) or ""), f"ini option {INI!r}"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> Any:
+    # goheap's fault reporter writes its line with write(2, ...) from the
+    # signal handler, and during a test pytest's fd capture has pointed fd 2
+    # at a temporary file that dies with the process: the line would be lost
+    # (faulthandler writes to a copy of the real stderr made at configure and
+    # survives).  So in the modes that can fault, fd capture becomes sys
+    # capture: Python's output is still captured, C's goes to the terminal.
+    # tryfirst: this runs before _pytest/capture.py makes its CaptureManager.
+    ns = early_config.known_args_namespace
+    try:
+        mode = parse_mode(_mode_text(early_config, ns.goheap)[0])
+    except ValueError:
+        mode = None  # pytest_configure reports it
+    if mode is not None and mode.name != "normal" and ns.capture == "fd":
+        ns.capture = "sys"
+        early_config.stash[_CAPTURE_SWITCHED] = True
+    return (yield)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # trylast: after _pytest/faulthandler.py's pytest_configure enabled
+    # faulthandler, so the reporter installed below chains to it.
+    text, source = _mode_text(config, config.getoption("goheap"))
+    try:
+        mode = parse_mode(text)
+    except ValueError as e:
+        raise pytest.UsageError(f"goheap: {e} (from {source})") from None
+    if mode is None:
+        return
+    session = GoheapSession(mode, config.stash.get(_CAPTURE_SWITCHED, False))
+    config.pluginmanager.register(session, "goheap-session")
+
+
+@pytest.fixture
+def goheap_heap(request: pytest.FixtureRequest) -> Any:
+    """The session's goheap.Heap, or None without --goheap: its ``lookup``
+    finds the data of every NumPy array the test made in its own thread."""
+    session = request.config.pluginmanager.get_plugin("goheap-session")
+    return session.heap if session is not None else None
+
+
+class GoheapSession:
+    """The heap of one test session and the handler installed on it
+    (registered as a plugin only when a mode is on)."""
+
+    def __init__(self, mode: Mode, capture_switched: bool = False) -> None:
+        try:
+            import numpy  # noqa: F401  (NumPy stays an optional dependency of goheap)
+        except ImportError:
+            raise pytest.UsageError(
+                f"goheap: --goheap={mode} puts NumPy's array data on a goheap heap, "
+                "but NumPy cannot be imported (pip install numpy)"
+            ) from None
+        import goheap
+
+        self.mode = mode
+        self.capture_switched = capture_switched
+        self.heap = goheap.Heap(**mode.heap_options())
+        try:
+            goheap.install_fault_reporter()
+            self._allocator = goheap.numpy_allocator(self.heap)
+            self._allocator.__enter__()
+        except BaseException:
+            self.heap.close()
+            raise
+        self.reported = False
+
+    def summary(self) -> str:
+        """The session's one line: ``goheap: <mode>: N mallocs, ...``."""
+        st = self.heap.stats()
+        if self.mode.name == "efence":
+            efence = f"{st.mallocs} efence objects (every allocation)"
+        elif self.mode.name == "sample":
+            efence = f"{st.efence_sampled} efence objects sampled (about 1 in {self.mode.sample})"
+        else:
+            efence = "0 efence objects"
+        return (
+            f"goheap: --goheap={self.mode}: {st.mallocs} mallocs, {st.frees} frees, "
+            f"peak {st.peak_alloc} bytes, {efence}"
+        )
+
+    def pytest_report_header(self) -> list[str]:
+        lines = [f"goheap: NumPy array data on a goheap heap (--goheap={self.mode})"]
+        if self.capture_switched:
+            lines.append(
+                "goheap: --capture=sys instead of fd, so a fault's goheap line reaches "
+                "the terminal (C code's own output is not captured)"
+            )
+        return lines
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        terminalreporter.write_line(self.summary())
+        self.reported = True
+
+    def pytest_unconfigure(self) -> None:
+        if not self.reported:  # no terminal (-p no:terminal): stderr still gets the line
+            sys.stderr.write(self.summary() + "\n")
+        try:
+            self._allocator.__exit__(None, None, None)
+        finally:
+            # Arrays made during the session may live on (module globals,
+            # caches): close() unmaps nothing they can still reach.
+            self.heap.close()
