@@ -288,3 +288,45 @@ def test_numpy_subset_has_the_same_outcomes_under_sampled_efence():
     assert off.count("passed") >= 300, off.tail
     assert sampled.returncode == off.returncode, sampled.tail
     assert suite.differences(off, sampled) == []
+
+
+# ---- README "Catch a buffer overrun in a C extension" ----------------------------------
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_example():
+    """The section's test file and the output it shows."""
+    text = README.read_text()
+    section = text.split("### Catch a buffer overrun in a C extension", 1)[1].split("\n### ", 1)[0]
+    source = re.search(r"^```py\n(.*?)^```", section, re.S | re.M)
+    shown = re.search(r"^```text\n(.*?)^```", section, re.S | re.M)
+    assert source and shown
+    return source.group(1), shown.group(1).splitlines()
+
+
+def masked(line):
+    """A line with what changes from run to run (addresses, folders, times) masked."""
+    line = re.sub(r"0x[0-9a-f]+", "0x?", line)
+    line = re.sub(r'File "[^"]*/([^/"]+)"', r'File "\1"', line)
+    return re.sub(r"in [0-9.]+s", "in ?s", line)
+
+
+def test_readme_overrun_example_prints_what_the_readme_shows(pytester):
+    pytest.importorskip("cffi")
+    source, shown = readme_example()
+    pytester.makepyfile(test_overrun=source)
+    quiet = pytester.runpytest_subprocess("-q", "test_overrun.py", timeout=120)
+    quiet.assert_outcomes(passed=1)  # silent corruption
+    caught = pytester.runpytest_subprocess("-q", "--goheap=efence", "test_overrun.py", timeout=120)
+    assert caught.ret == -signal.SIGSEGV
+    out = {masked(ln) for ln in quiet.outlines + caught.outlines + caught.errlines}
+    checked = [
+        ln
+        for ln in shown
+        if ln.startswith(("goheap:", "Fatal Python error", "1 passed"))
+        or ("test_overrun.py" in ln and ln.startswith("  File"))
+    ]
+    assert len(checked) == 4
+    for ln in checked:
+        assert masked(ln) in out, (ln, quiet.stdout.str(), caught.stderr.str())
