@@ -131,6 +131,19 @@ def test_off_and_no_goheap_switch_it_off(pytester, monkeypatch):
     assert not any(ln.startswith("goheap:") for ln in result.outlines)
 
 
+def test_without_numpy_it_is_a_usage_error(pytester):
+    # The inner session cannot import NumPy (None in sys.modules makes
+    # "import numpy" raise ImportError, as if it were not installed).
+    pytester.makeconftest("import sys\nsys.modules['numpy'] = None\n")
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess("--goheap=normal")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["ERROR: goheap: --goheap=normal puts NumPy's array data*pip install numpy*"]
+    )
+    assert pytester.runpytest_subprocess().ret == 0  # inert: NumPy is not needed
+
+
 # ---- sessions on a heap (subprocesses) -------------------------------------------------
 
 MiB = 1 << 20
@@ -202,6 +215,38 @@ def test_sampled_session_counts_its_efence_objects(pytester, n):
         assert efence == mallocs >= 7  # 1 in 1: every allocation
     else:
         assert 0 <= efence < mallocs
+
+
+def test_summary_goes_to_stderr_without_a_terminal(pytester):
+    pytester.makepyfile(ON_THE_HEAP)
+    result = pytester.runpytest_subprocess("--goheap=normal", "-p", "no:terminal", timeout=120)
+    assert result.ret == 0
+    assert [ln for ln in result.errlines if SUMMARY.match(ln)], result.stderr.str()
+
+
+LONG_SUITE = """
+from goheap.efence import mapping_count
+from goheap.pytest_plugin import EFENCE_QUARANTINE
+import numpy as np
+
+
+def test_many_arrays(goheap_heap):
+    before = mapping_count()
+    for i in range(20000):
+        a = np.zeros(16 + i % 64)  # made and freed: faulted, then recycled
+    st = goheap_heap.stats()
+    assert st.efence_deleted > 0
+    assert st.efence_faulted <= EFENCE_QUARANTINE
+    assert mapping_count() - before < 1000
+"""
+
+
+def test_efence_quarantine_keeps_a_long_session_bounded(pytester):
+    # More freed arrays than the quarantine holds: the oldest are recycled, so
+    # neither faulted bytes nor kernel mappings grow with the session.
+    pytester.makepyfile(LONG_SUITE)
+    result = pytester.runpytest_subprocess("--goheap=efence", timeout=300)
+    result.assert_outcomes(passed=1)
 
 
 def test_env_and_ini_choose_the_mode(pytester, monkeypatch):
