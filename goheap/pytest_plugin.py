@@ -83,9 +83,9 @@ class Mode:
                 "align": EFENCE_ALIGN,
                 "quarantine": EFENCE_QUARANTINE,
             }
-        if self.name == "sample":
-            return {"efence": False, "efence_sample": self.sample}
-        return {"efence": False}
+        # Explicit, so GOHEAP_EFENCE and GOHEAP_EFENCE_SAMPLE (read by Heap()
+        # when these are not given) do not change what the option said.
+        return {"efence": False, "efence_sample": self.sample if self.name == "sample" else 0}
 
 
 def parse_mode(text: str) -> Mode | None:

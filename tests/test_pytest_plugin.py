@@ -78,7 +78,7 @@ def test_heap_options_are_heap_arguments():
     assert Mode("efence").heap_options()["guard"] == "after"
     assert Mode("efence").heap_options()["quarantine"] > 0  # bounded: vm.max_map_count
     assert Mode("sample", 7).heap_options()["efence_sample"] == 7
-    assert Mode("normal").heap_options() == {"efence": False}
+    assert Mode("normal").heap_options() == {"efence": False, "efence_sample": 0}
 
 
 @pytest.mark.parametrize("value", ["bogus", "sample:0", "sample:"])
