@@ -200,20 +200,45 @@ class GoheapSession:
             self.heap.close()
             raise
         self.reported = False
+        self.workers: list[dict[str, int]] = []  # pytest-xdist: each worker's counts
+
+    def counts(self) -> dict[str, int]:
+        """This process's heap in numbers: mallocs, frees, peak, efence objects."""
+        st = self.heap.stats()
+        efence = {"efence": st.mallocs, "sample": st.efence_sampled}.get(self.mode.name, 0)
+        return {"mallocs": st.mallocs, "frees": st.frees, "peak": st.peak_alloc, "efence": efence}
 
     def summary(self) -> str:
-        """The session's one line: ``goheap: <mode>: N mallocs, ...``."""
-        st = self.heap.stats()
+        """The session's one line: ``goheap: <mode>: N mallocs, ...``.  Under
+        pytest-xdist the workers' heaps (the tests ran there) are added up,
+        and the peak is the largest worker's."""
+        c = self.counts()
+        where = ""
+        if self.workers:
+            for k in ("mallocs", "frees", "efence"):
+                c[k] = sum(w[k] for w in self.workers)
+            c["peak"] = max(w["peak"] for w in self.workers)
+            where = f" (in {len(self.workers)} xdist workers)"
+        efence = f"{c['efence']} efence objects"
         if self.mode.name == "efence":
-            efence = f"{st.mallocs} efence objects (every allocation)"
+            efence += " (every allocation)"
         elif self.mode.name == "sample":
-            efence = f"{st.efence_sampled} efence objects sampled (about 1 in {self.mode.sample})"
-        else:
-            efence = "0 efence objects"
+            efence += f" sampled (about 1 in {self.mode.sample})"
         return (
-            f"goheap: --goheap={self.mode}: {st.mallocs} mallocs, {st.frees} frees, "
-            f"peak {st.peak_alloc} bytes, {efence}"
+            f"goheap: --goheap={self.mode}: {c['mallocs']} mallocs, {c['frees']} frees, "
+            f"peak {c['peak']} bytes, {efence}{where}"
         )
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if workeroutput is not None:  # an xdist worker: the controller prints the line
+            workeroutput["goheap"] = self.counts()
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        counts = getattr(node, "workeroutput", {}).get("goheap")
+        if counts is not None:
+            self.workers.append(counts)
 
     def pytest_report_header(self) -> list[str]:
         lines = [f"goheap: NumPy array data on a goheap heap (--goheap={self.mode})"]

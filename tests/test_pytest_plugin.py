@@ -224,6 +224,17 @@ def test_summary_goes_to_stderr_without_a_terminal(pytester):
     assert [ln for ln in result.errlines if SUMMARY.match(ln)], result.stderr.str()
 
 
+def test_xdist_workers_heaps_are_added_up(pytester):
+    pytest.importorskip("xdist")
+    pytester.makepyfile(ON_THE_HEAP)
+    result = pytester.runpytest_subprocess("--goheap=sample:1", "-n", "2", timeout=120)
+    result.assert_outcomes(passed=1)
+    _, mallocs, _, peak, efence = summary_of(result)
+    assert efence == mallocs >= 7  # the worker that ran the test, counted by the controller
+    assert peak >= 2 * 8 * MiB
+    result.stdout.fnmatch_lines(["goheap: --goheap=sample:1: * (in 2 xdist workers)"])
+
+
 LONG_SUITE = """
 from goheap.efence import mapping_count
 from goheap.pytest_plugin import EFENCE_QUARANTINE
