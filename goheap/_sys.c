@@ -1175,7 +1175,8 @@ static uintptr_t large_alloc(gh_mheap *h, uintptr_t size, int zero, int sample)
     uintptr_t v;
     if (!heap_lock_open(h))
         return (uintptr_t)-GH_EARG;
-    v = ((sample && sample_due(h)) || h->frozen) ? 0 : lcache_alloc(h, size, zero); /* sampled: miss */
+    /* A sampled allocation misses: the slow path makes it an efence object. */
+    v = ((sample && sample_due(h)) || h->frozen) ? 0 : lcache_alloc(h, size, zero);
     heap_unlock(h);
     return v != 0 ? v : (uintptr_t)-GH_MISS;
 }

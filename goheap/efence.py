@@ -45,7 +45,10 @@ sampled), the quarantine retires it.  Its alignment is malloc's (8, 16 from
 as in GWP-ASan.  The quarantine is bounded by default, as GWP-ASan sizes its
 pool by what the process can afford rather than by what it would like to
 keep: ``SAMPLE_QUARANTINE_SPANS`` spans and ``sample_quarantine_bytes(arena)``
-bytes, whichever comes first.  A sample that cannot be had (the kernel's
+bytes, whichever comes first; once it is full, the next sampled object of the
+same page count takes its oldest span (``reuse``, as GWP-ASan reuses a freed
+slot): its data pages mapped again, its guard left faulted, no page-heap work.
+A sample that cannot be had (the kernel's
 mappings or the arena ran out) is lost and the normal path serves the
 allocation, as GWP-ASan does when its pool is full.
 
@@ -168,6 +171,7 @@ class EFence:
         align: int,
         quarantine: int | None,
         max_spans: int | None = None,
+        reuse: bool = False,
     ) -> None:
         guard, align, quarantine = options(guard, align, quarantine)
         self.h = h
@@ -177,6 +181,13 @@ class EFence:
         self.max_spans = max_spans  # the quarantine's bound in spans (None: bytes only)
         self.unit = h.align
         self.faulted: OrderedDict[int, MSpan] = OrderedDict()  # span struct -> span, oldest first
+        # reuse (sampling heaps): a full quarantine hands its oldest span of
+        # the size asked for to the next allocation (GWP-ASan reuses a freed
+        # slot), so that in the steady state a sampled malloc+free is three
+        # syscalls and no page-heap work.  Per page count, oldest first.
+        self.reuse = reuse
+        self.faulted_by_npages: dict[int, OrderedDict[int, MSpan]] = {}
+        self.reused = 0
         self.faulted_bytes = 0
         self.deleted = 0
         self.guards: dict[int, tuple[int, int]] = {}  # live span struct -> faulted guard range
@@ -194,6 +205,10 @@ class EFence:
         usable = round_up(max(n, 1), max(self.align, align))
         data = round_up(usable, unit)
         span_bytes = data + (unit if self.guard != "none" else 0)
+        if self.reuse and self.guard == "after" and self.quarantine_full(span_bytes):
+            v = self._reuse(span_bytes >> PAGE_SHIFT, data, usable)
+            if v:
+                return v, usable
         try:
             s = h.alloc_span_aligned_locked(span_bytes >> PAGE_SHIFT, unit)
         except OutOfMemory as e:
@@ -230,6 +245,47 @@ class EFence:
         s.ref = 1
         _native.bitmap_set(h.c, word(base), _native.BIT_ALLOCATED, _native.BIT_BOUNDARY)
         return base, usable
+
+    def quarantine_full(self, span_bytes: int) -> bool:
+        """Whether one more faulted span of span_bytes would pass a bound."""
+        if self.max_spans is not None and len(self.faulted) >= self.max_spans:
+            return True
+        return self.quarantine is not None and self.faulted_bytes + span_bytes > self.quarantine
+
+    def _reuse(self, npages: int, data: int, usable: int) -> int:
+        """The oldest faulted span of npages pages, live again for an object of
+        usable bytes right-aligned against its guard (guard="after": the guard
+        is where it was and stays faulted); its address, or 0 if there is none
+        or the OS refuses to map its data pages again (nothing changed then)."""
+        same = self.faulted_by_npages.get(npages)
+        if not same:
+            return 0
+        s = next(iter(same.values()))
+        try:
+            self.h.mem.sys_map(s.start, data, None)  # Reserved -> Ready, zero
+        except (OSError, MemoryError):
+            return 0
+        self._unlist(s)
+        h, old = self.h, word(s.base)
+        base = s.start + data - usable
+        if old != word(base):
+            _native.bitmap_set(h.c, old, 0, _native.BIT_BOUNDARY)
+        _native.bitmap_set(h.c, word(base), _native.BIT_ALLOCATED, _native.BIT_BOUNDARY)
+        s.state = SpanState.IN_USE
+        s.needzero = False  # fresh pages from the OS
+        s.base, s.elemsize, s.limit, s.ref = base, usable, base + usable, 1
+        self.guards[s.addr] = (s.start + data, self.unit)
+        self.reused += 1
+        return base
+
+    def _unlist(self, s: MSpan) -> None:
+        """Take faulted span s out of the quarantine's books."""
+        del self.faulted[s.addr]
+        same = self.faulted_by_npages[s.npages]
+        del same[s.addr]
+        if not same:
+            del self.faulted_by_npages[s.npages]
+        self.faulted_bytes -= s.nbytes
 
     # ---- free -------------------------------------------------------------------
 
@@ -275,6 +331,7 @@ class EFence:
         self.guards.pop(s.addr, None)
         s.state = SpanState.FAULTED
         self.faulted[s.addr] = s
+        self.faulted_by_npages.setdefault(s.npages, OrderedDict())[s.addr] = s
         self.faulted_bytes += s.nbytes
         while self.faulted and self.over_quarantine():
             if not self.delete_span(next(iter(self.faulted.values()))):
@@ -302,8 +359,7 @@ class EFence:
             self.delete_refused = True
             return False
         self.delete_refused = False
-        del self.faulted[s.addr]
-        self.faulted_bytes -= s.nbytes
+        self._unlist(s)
         self.deleted += 1
         _native.bitmap_unmarkspan(h.c, s.start, s.nbytes)
         s.needzero = False
@@ -367,6 +423,11 @@ class EFence:
             )
         if sum(s.nbytes for s in self.faulted.values()) != self.faulted_bytes:
             raise HeapCorruption(f"efence: faulted list does not add up to {self.faulted_bytes}")
+        by_npages = {a for d in self.faulted_by_npages.values() for a in d}
+        if by_npages != set(self.faulted) or any(
+            s.npages != k for k, d in self.faulted_by_npages.items() for s in d.values()
+        ):
+            raise HeapCorruption("efence: the quarantine's lists by page count disagree")
         for s in self.faulted.values():
             if s.state != SpanState.FAULTED:
                 raise HeapCorruption(f"efence: {s!r} is listed as faulted")

@@ -305,7 +305,7 @@ class Heap:
         if quarantine is None:
             quarantine = _efence_mod.sample_quarantine_bytes(h.arena_end - h.arena_start)
         self._sampler = EFence(
-            h, "after", 8, quarantine, max_spans=_efence_mod.SAMPLE_QUARANTINE_SPANS
+            h, "after", 8, quarantine, max_spans=_efence_mod.SAMPLE_QUARANTINE_SPANS, reuse=True
         )
         _native.efence_sample_init(self._c, sample, int.from_bytes(os.urandom(8), "little"))
 

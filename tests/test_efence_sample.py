@@ -299,24 +299,55 @@ def test_efence_sample_mixed_frees_double_and_interior_frees():
 
 
 def test_efence_sample_quarantine_bounded_by_default():
+    # Full, the quarantine hands its oldest span to the next object of that
+    # size: the spans in use stop growing at the bound, and each is faulted
+    # whole until it is handed out again.
     with new_heap(efence_sample=1) as h:
-        n = efence.SAMPLE_QUARANTINE_SPANS + 40
-        for _ in range(n):
-            h.free(h.malloc(64))
+        bound = efence.SAMPLE_QUARANTINE_SPANS
+        spans = set()
+        for _ in range(bound + 40):
+            p = h.malloc(64)
+            spans.add(h._h.lookup(p).start)
+            h.free(p)
         st = h.stats()
         ef = h._sampler
-        assert len(ef.faulted) == efence.SAMPLE_QUARANTINE_SPANS
-        assert st.efence_deleted == 40 and st.efence_sampled == n
+        assert len(ef.faulted) == bound and len(spans) == bound
+        assert ef.reused == 40 and st.efence_deleted == 0 and st.efence_sampled == bound + 40
         assert ef.quarantine == efence.sample_quarantine_bytes(4 * GiB)
+        maps = Maps()
+        assert all(maps.faulted(s.start, s.end) for s in ef.faulted.values())
+        h.check()
+
+
+def test_efence_sample_reused_span_is_live_again():
+    with new_heap(efence_sample=1, quarantine=0) as h:
+        p = h.malloc(100)
+        h.free(p)  # quarantine=0: nothing is kept, the span goes back to the page heap
+        q = h.malloc(100)
+        h.free(q)
+    with new_heap(efence_sample=1, quarantine=16 * KiB) as h:
+        p = h.malloc(100)
+        h.free(p)
+        with pytest.raises(goheap.DoubleFree):
+            h.free(p)
+        q = h.malloc(40)  # the same page count: p's span, live again, zeroed
+        assert h._h.lookup(q).start == h._h.lookup(p).start and q != p
+        assert bytes(h.view(q)) == bytes(48) and Maps().guarded(q, 48)
+        with pytest.raises(goheap.InvalidFree):
+            h.free(p)  # the old start is nothing now
+        h.check()
+        h.free(q)
         h.check()
 
 
 def test_efence_sample_quarantine_in_bytes():
-    with new_heap(efence_sample=1, quarantine=64 * KiB) as h:
-        for _ in range(50):
-            h.free(h.malloc(40_000))
+    # Sizes of different page counts: a full quarantine that holds none of the
+    # size asked for retires its oldest spans instead.
+    with new_heap(efence_sample=1, quarantine=56 * KiB) as h:
+        for i in range(50):
+            h.free(h.malloc(40_000 if i % 2 else 100))
         st = h.stats()
-        assert 0 < st.efence_faulted <= 64 * KiB and st.efence_deleted > 0
+        assert 0 < st.efence_faulted <= 56 * KiB and st.efence_deleted > 0
         h.check()
 
 
