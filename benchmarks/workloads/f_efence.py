@@ -47,7 +47,7 @@ def steps(bench: H.Bench) -> int:
     return (len(SIZES) + 1) * bench.cfg.repeats
 
 
-def sampled_heap(bench: H.Bench) -> tuple[Any, str | None]:
+def sampled_heap() -> tuple[Any, str | None]:
     """Heap(efence_sample=1000), or (None, why not): the option is feature-detected."""
     import goheap
 
@@ -94,7 +94,7 @@ def run(bench: H.Bench) -> None:
     bench.results.setdefault("peer_notes", {}).update({p.name: p.note for p in c_peers})
     for p in c_peers:
         bench.note(f"(f) efence: {p.name}: {p.note}")
-    sampled, why_not_sampled = sampled_heap(bench)
+    sampled, why_not_sampled = sampled_heap()
     if sampled is None:
         bench.note(f"(f) efence: skipped {SAMPLED}: {why_not_sampled}")
         bench.skipped.append((SAMPLED, str(why_not_sampled)))
