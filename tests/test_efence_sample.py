@@ -399,3 +399,20 @@ ctypes.memset(p + h.usable_size(p), 1, 1)
 """)
     assert died_of_fault(proc), proc
     assert "goheap: overrun at" in proc.stderr
+
+
+def test_efence_sample_numpy_arrays_through_the_handler():
+    # NumPy's handler misses to the same slow path as Heap.malloc (interface
+    # with goheap/_nphandler.c): with N = 1 every array's data is sampled.
+    np = pytest.importorskip("numpy")
+    with new_heap(efence_sample=1) as h:
+        with goheap.numpy_allocator(h):
+            arrays = [np.zeros(10), np.empty(100_000), np.arange(1000) * 2]
+        maps = Maps()
+        for a in arrays:
+            base, size = h.lookup(a.ctypes.data)
+            assert base == a.ctypes.data and size >= a.nbytes
+            assert maps.guarded(base, size)
+        assert h.stats().efence_sampled >= len(arrays)
+        del arrays, a
+        h.check()
