@@ -206,7 +206,9 @@ class MHeap:
         self.scavenge_after = float(scavenge_after)
         self.c: Any = _native.new_mheap()
         self.spanalloc = SpanAlloc(self.mem)
-        self.spanobj = self.spanalloc.live  # struct address -> MSpan, live spans only
+        # struct address -> MSpan of every FREE span (the one on its free list):
+        # other spans' MSpans are made on demand (span_of), see mspan.py.
+        self.freeobj: dict[int, MSpan] = {}
         self.free: list[dict[int, MSpan]] = [{} for _ in range(MAX_MHEAP_LIST)]
         self.nonempty_mask = 0
         self.freelarge = LargeFree()
@@ -491,6 +493,7 @@ class MHeap:
             self.nonempty_mask |= 1 << n
         else:
             self.freelarge.insert(s)
+        self.freeobj[s.addr] = s
 
     def _list_remove(self, s: MSpan) -> None:
         n = s.npages
@@ -502,9 +505,19 @@ class MHeap:
                 self.nonempty_mask &= ~(1 << n)
         else:
             self.freelarge.remove(s)
+        del self.freeobj[s.addr]
 
     def span_of(self, struct_addr: int) -> MSpan | None:
-        return self.spanobj.get(struct_addr) if struct_addr else None
+        """The MSpan of an allocated span struct, or None (0, or a dead struct).
+        A free span's is the one on its free list, which carries the released
+        ranges and idle time; any other's is made now, as all of its state
+        lives in the C struct."""
+        if not struct_addr:
+            return None
+        s = self.freeobj.get(struct_addr)
+        if s is not None:
+            return s
+        return MSpan(struct_addr) if self.spanalloc.is_live(struct_addr) else None
 
     def lookup(self, v: int) -> MSpan | None:
         """MHeap_LookupMaybe: the in-use (or faulted) span containing v, or None."""
@@ -835,10 +848,11 @@ class MHeap:
         """Page-heap invariants; returns (inuse bytes, idle bytes) walked."""
         if self.closed:
             raise HeapClosed("heap is closed")
-        inuse = idle = released = nfree = 0
+        inuse = idle = released = nfree = nspans = 0
         prev_free: bool = False
         prev_end = 0
         for s in self.walk():
+            nspans += 1
             if s.end > self.arena_used:
                 raise HeapCorruption(f"span {s!r} runs past arena_used {self.arena_used:#x}")
             if s.state == SpanState.FREE:
@@ -879,8 +893,17 @@ class MHeap:
             prev_free = bool(s.state == SpanState.FREE)
             prev_end = s.end
         nlisted = sum(len(d) for d in self.free) + len(self.freelarge)
-        if nlisted != nfree:
-            raise HeapCorruption(f"free lists hold {nlisted} spans, the arena {nfree}")
+        if nlisted != nfree or len(self.freeobj) != nfree:
+            raise HeapCorruption(
+                f"free lists hold {nlisted} spans ({len(self.freeobj)} by struct), "
+                f"the arena {nfree}"
+            )
+        nstructs = nspans + int(self.c.lcache_nspare)
+        if self.spanalloc.inuse != nstructs:
+            raise HeapCorruption(
+                f"{self.spanalloc.inuse} span structs allocated for {nspans} spans "
+                f"and {int(self.c.lcache_nspare)} spares lent to C"
+            )
         for n, d in enumerate(self.free):
             if bool(d) != bool(self.nonempty_mask >> n & 1):
                 raise HeapCorruption(f"nonempty_mask bit {n} disagrees with free[{n}]")
@@ -930,6 +953,7 @@ class MHeap:
         self.mem.stats["other_sys"] -= self.spans_mapped + self.slack_sys
         self.free = [{} for _ in range(MAX_MHEAP_LIST)]
         self.freelarge = LargeFree()
+        self.freeobj = {}
         self.nonempty_mask = 0
         owner, self.owner = self.owner, None
         # Ours (this frame's and getrefcount's argument) are the only

@@ -8,9 +8,11 @@ Vocabulary:
   spans table without Python); ``MSpan`` wraps that struct and adds the page
   heap's own bookkeeping (released OS pages, idle time).
 - ``SpanAlloc``: Go's FixAlloc for span structs, carving them from chunks of OS
-  memory charged to ``mspan_sys``.  Chunks are never given back before the heap
-  closes: the spans table may still hold stale pointers to dead structs (a free
-  span maps only its first and last page), and C must always be able to read them.
+  memory charged to ``mspan_sys``.  Chunks stay mapped until the heap closes:
+  the spans table may still hold stale pointers to dead structs (a free span
+  maps only its first and last page), and C must always be able to read them.
+  OS pages holding only dead structs are given back by scavenge() (zeroed
+  first: an all-zero struct describes no extent) and read as zero after.
 - ``LargeFree``: the free spans of MAX_MHEAP_LIST pages or more, ordered by
   (npages, start) for best fit with the lowest address on ties.  Go 2014 scanned
   a list; this is a bucketed sorted list, so the search is O(log n) and an insert
@@ -20,7 +22,9 @@ Invariants:
 - ``released`` holds disjoint, OS-page-aligned ranges inside the span that are
   in the Prepared state (given back with sys_unused); ``npreleased_bytes`` is
   their total.  Only a FREE span has released ranges.
-- A span's struct is owned by exactly one MSpan object while it is not DEAD.
+- A struct is allocated in SpanAlloc while its span is not DEAD (or while C
+  holds it as a spare); a FREE span's MSpan is the one object on the free
+  lists, any other span's MSpan is made on demand and holds nothing of its own.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from goheap import _native
-from goheap.errors import throw
+from goheap.errors import OutOfMemory, throw
 from goheap.mem import SysMemory
 
 PAGE_SHIFT = _native.PAGE_SHIFT
@@ -133,7 +137,17 @@ class MSpan:
 
 
 class SpanAlloc:
-    """Go's FixAlloc for span structs.  The caller holds the heap lock."""
+    """Go's FixAlloc for span structs.  The caller holds the heap lock.
+
+    Which structs are allocated is one bit per struct (``_used``, an int per
+    chunk), not a Python object per struct: MHeap makes the MSpan wrapper of
+    a span when it needs one (MHeap.span_of) and keeps only those of free
+    spans, so a heap of many large objects costs Python no memory per object,
+    and nothing Python allocated for them is left behind in its arenas once
+    they are freed.  A free struct is reused lowest address first, so live
+    structs stay packed at the front and ``release_unused`` can give whole OS
+    pages of dead ones back (issue 13: after scavenge() nothing stays resident
+    for free spans)."""
 
     CHUNK = 64 << 10
 
@@ -141,54 +155,139 @@ class SpanAlloc:
         self.sysmem = sysmem
         self.size = _native.SPAN_STRUCT_SIZE
         self.chunks: list[tuple[int, int]] = []
-        # Dead structs form a list through their own ``next`` field (Go's FixAlloc
-        # list): the MSpan wrapper goes with the span and the list costs no
-        # Python memory, so a heap that shrinks back gives that memory back too.
-        self._free_head = 0
-        self._next = 0  # next unused struct in the newest chunk
-        self._end = 0
-        self.live: dict[int, MSpan] = {}  # struct address -> wrapper, for live spans
+        self._used: list[int] = []  # per chunk: bit i = struct i is allocated
+        self._released: list[int] = []  # per chunk: bit j = OS page j is given back
+        self._bases: list[int] = []  # chunk starts, sorted, with their index
+        self._index: list[int] = []
+        self._hint = 0  # no chunk before this one has a free struct
+        self.inuse = 0
 
-    @property
-    def inuse(self) -> int:
-        return len(self.live)
+    def _nstructs(self, ci: int) -> int:
+        return self.chunks[ci][1] // self.size
+
+    def _locate(self, addr: int) -> tuple[int, int] | None:
+        """(chunk index, struct index) of struct address addr, or None."""
+        k = bisect.bisect_right(self._bases, addr) - 1
+        if k < 0:
+            return None
+        ci = self._index[k]
+        v, _ = self.chunks[ci]
+        i, rem = divmod(addr - v, self.size)
+        if rem or i >= self._nstructs(ci):
+            return None
+        return ci, i
+
+    def is_live(self, addr: int) -> bool:
+        """Whether addr is an allocated struct (a live span's, or a spare)."""
+        at = self._locate(addr)
+        return at is not None and bool(self._used[at[0]] >> at[1] & 1)
 
     def alloc(self) -> MSpan:
-        if self._free_head:
-            addr = self._free_head
-            self._free_head = _native.ffi_addr(_native.span_at(addr).next)
+        """A struct for a new span (fields as they were: the caller inits)."""
+        for ci in range(self._hint, len(self.chunks)):
+            free = ~self._used[ci] & ((1 << self._nstructs(ci)) - 1)
+            if free:
+                i = (free & -free).bit_length() - 1
+                break
         else:
-            if self._next + self.size > self._end:
-                n = self.sysmem.round_up(self.CHUNK)
-                v = self.sysmem.sys_alloc(n, "mspan_sys")
-                self.chunks.append((v, n))
-                self._next, self._end = v, v + n
-            addr = self._next
-            self._next += self.size
-        s = self.live[addr] = MSpan(addr)
-        return s
+            n = self.sysmem.round_up(self.CHUNK)
+            v = self.sysmem.sys_alloc(n, "mspan_sys")
+            self.chunks.append((v, n))
+            self._used.append(0)
+            self._released.append(0)
+            k = bisect.bisect_left(self._bases, v)
+            self._bases.insert(k, v)
+            self._index.insert(k, len(self.chunks) - 1)
+            ci, i = len(self.chunks) - 1, 0
+        self._hint = ci
+        addr = self.chunks[ci][0] + i * self.size
+        if self._released[ci]:
+            self._reuse(ci, addr)
+        self._used[ci] |= 1 << i
+        self.inuse += 1
+        return MSpan(addr)
+
+    def _reuse(self, ci: int, addr: int) -> None:
+        """Take back (sys_used) the released OS pages struct addr lies on."""
+        v, _ = self.chunks[ci]
+        ps = self.sysmem.page_size
+        for j in range((addr - v) // ps, (addr + self.size - 1 - v) // ps + 1):
+            if self._released[ci] >> j & 1:
+                self.sysmem.sys_used(v + j * ps, ps)
+                self._released[ci] &= ~(1 << j)
 
     def free(self, s: MSpan) -> None:
         """Return a struct; it is marked DEAD so stale spans-table entries read as dead."""
+        at = self._locate(s.addr)
+        if at is None or not self._used[at[0]] >> at[1] & 1:
+            throw(f"SpanAlloc.free: {s.addr:#x} is not an allocated span struct")
         s.state = SpanState.DEAD
         s.released = []
-        del self.live[s.addr]
-        s._c.next = _native.span_at(self._free_head) if self._free_head else _native.NULL_SPAN
-        self._free_head = s.addr
+        ci, i = at
+        self._used[ci] &= ~(1 << i)
+        self.inuse -= 1
+        self._hint = min(self._hint, ci)
+
+    def _structs_on(self, j: int, total: int) -> tuple[int, int]:
+        """The first and last struct index touching OS page j of a chunk of
+        total structs (first > last: none)."""
+        ps = self.sysmem.page_size
+        return j * ps // self.size, min(((j + 1) * ps - 1) // self.size, total - 1)
+
+    def release_unused(self) -> int:
+        """Give back every whole OS page of the chunks on which no struct is
+        allocated; return the bytes newly released.  The dead structs that
+        touch such a page are zeroed first, their part on a page that stays
+        too: a spans-table entry may still point at a dead struct (a free
+        span maps only its ends), and a struct read half as it was and half
+        as zero could describe an extent; all zero, it describes none.  All
+        zeroing comes before any release (a struct straddling two released
+        pages would fault the first back in), and a struct on a page released
+        earlier is zero already.  A failed sys_unused keeps its page (advice,
+        as scavenging is)."""
+        ps, size = self.sysmem.page_size, self.size
+        released = 0
+        for ci, (v, n) in enumerate(self.chunks):
+            total, used, before = self._nstructs(ci), self._used[ci], self._released[ci]
+            pages = []
+            for j in range(n // ps):
+                first, last = self._structs_on(j, total)
+                if before >> j & 1 or (
+                    first <= last and used >> first & ((2 << (last - first)) - 1)
+                ):
+                    continue
+                pages.append(j)
+            for j in pages:
+                first, last = self._structs_on(j, total)
+                if first <= last and before >> (first * size // ps) & 1:
+                    first += 1  # starts on a page released earlier: zero already
+                if first <= last and before >> (((last + 1) * size - 1) // ps) & 1:
+                    last -= 1  # ends on a page released earlier
+                if first <= last:
+                    _native.memclr(v + first * size, (last - first + 1) * size)
+            for j in pages:
+                try:
+                    self.sysmem.sys_unused(v + j * ps, ps)
+                except (OSError, OutOfMemory):
+                    continue
+                self._released[ci] |= 1 << j
+                released += ps
+        return released
 
     def compact(self) -> None:
-        """Rebuild the live map: a dict keeps its largest table after deletions."""
-        live = dict(self.live)
-        self.live.clear()
-        self.live.update(live)
+        """scavenge()'s last step: the pages of dead structs go back too."""
+        self.release_unused()
 
     def release_all(self) -> None:
         for v, n in self.chunks:
             self.sysmem.sys_free(v, n, "mspan_sys")
         self.chunks.clear()
-        self._free_head = 0
-        self._next = self._end = 0
-        self.live.clear()
+        self._used.clear()
+        self._released.clear()
+        self._bases.clear()
+        self._index.clear()
+        self._hint = 0
+        self.inuse = 0
 
 
 class LargeFree:

@@ -499,6 +499,56 @@ def test_mheap_scavenge_releases_whole_os_pages_and_rss_falls():
         h.check()
 
 
+@pytest.mark.parametrize("os_page", PAGE_SIZES, ids=lambda p: f"os{p // 1024}k")
+def test_mheap_scavenge_gives_back_the_pages_of_dead_span_structs(os_page):
+    # Issue 13: after scavenge() nothing stays resident for free spans, their
+    # span structs included.  5,000 live large objects need 5,000 structs.
+    with goheap.Heap(arena_size=1 * GiB, sysmem=mem.SysMemory(page_size=os_page)) as h:
+        sa = h._h.spanalloc
+        ps = [h.malloc(40 * KiB) for _ in range(5000)]
+        chunks = list(sa.chunks)
+        held = sum(resident(v, n) for v, n in chunks)
+        assert held >= 5000 * sa.size
+        for p in ps:
+            h.free(p)
+        h.scavenge()
+        h.check()
+        # One struct is left (the coalesced free span's): the OS page or two it is on.
+        left = sum(resident(v, n) for v, n in chunks)
+        assert left <= 2 * os_page and left < held, (left, held)
+        assert sa.inuse == 1
+        # Released structs come back as fresh, zeroed pages when reused.
+        qs = [h.malloc(40 * KiB) for _ in range(3000)]
+        for q in qs:
+            h.view(q, 8)[:] = b"\x01" * 8
+        h.check()
+        for q in qs:
+            h.free(q)
+        h.check()
+
+
+def test_mheap_live_large_spans_cost_no_python_objects():
+    import gc
+
+    from goheap.mspan import MSpan
+
+    def wrappers() -> int:
+        gc.collect()
+        return sum(isinstance(o, MSpan) for o in gc.get_objects())
+
+    with goheap.Heap(arena_size=1 * GiB) as h:
+        before = wrappers()
+        ps = [h.malloc(40 * KiB) for _ in range(2000)]
+        assert wrappers() - before < 20  # free spans only, not one per object
+        assert h.lookup(ps[1000]) == (ps[1000], 40 * KiB)
+        s = h._h.lookup(ps[1000])  # made on demand, from the C struct
+        assert (s.start, s.npages, s.state) == (ps[1000], 5, SpanState.IN_USE)
+        h.check()
+        for p in ps:
+            h.free(p)
+        h.check()
+
+
 def test_mheap_scavenger_releases_spans_idle_longer_than_scavenge_after():
     with goheap.Heap(arena_size=256 * MiB, scavenge_after=0.05) as h:
         p = h.malloc(4 * MiB)
