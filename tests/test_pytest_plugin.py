@@ -235,6 +235,36 @@ def test_xdist_workers_heaps_are_added_up(pytester):
     result.stdout.fnmatch_lines(["goheap: --goheap=sample:1: * (in 2 xdist workers)"])
 
 
+GIVE_BACK = """
+import sys
+
+sys.path.insert(0, {tests!r})
+import numpy as np
+from osview import heap_resident
+
+from goheap.pytest_plugin import SCAVENGE_ABOVE
+
+
+def test_a_big_array():
+    a = np.ones(32 << 20)  # 256 MiB, touched, freed when the test returns
+    assert a.sum() == 32 << 20
+
+
+def test_its_pages_went_back(goheap_heap):
+    st = goheap_heap.stats()
+    assert st.heap_idle - st.heap_released <= SCAVENGE_ABOVE
+    assert heap_resident(goheap_heap) < SCAVENGE_ABOVE + (16 << 20)  # mincore: not resident
+"""
+
+
+def test_freed_memory_goes_back_to_the_os_between_tests(pytester):
+    # As with NumPy's allocator (glibc munmaps a large block at free): a later
+    # test must not see less free memory because goheap kept a span resident.
+    pytester.makepyfile(GIVE_BACK.format(tests=str(pathlib.Path(__file__).resolve().parent)))
+    result = pytester.runpytest_subprocess("--goheap=normal", timeout=120)
+    result.assert_outcomes(passed=2)
+
+
 LONG_SUITE = """
 from goheap.efence import mapping_count
 from goheap.pytest_plugin import EFENCE_QUARANTINE
