@@ -48,7 +48,7 @@
 #define GH_MSPAN_LIST_HEAD 2
 #define GH_MSPAN_DEAD      3
 #define GH_MSPAN_FAULTED   4   /* goheap: efence span whose object was freed and faulted */
-#define GH_MSPAN_CACHED    5   /* goheap: freed large span kept whole by the large cache */
+#define GH_MSPAN_CACHED    5   /* goheap: freed large span kept by the large cache */
 
 /* ---- the large-span cache ----------------------------------------------
  * Freed large spans of GH_LCACHE_MIN_PAGES..GH_LCACHE_MAX_PAGES pages (the

@@ -56,7 +56,7 @@ HEAP_ALLOC_CHUNK = 1 << 20  # grow by at least this much
 GROW_ROUND_PAGES = 16  # ... in multiples of 128 KiB
 MAX_MEM = 128 << 30  # Go's MaxMem: the default 64-bit arena
 MAX_ARENA32 = 2 << 30  # what a 32-bit bitmap and spans table can describe
-LCACHE_CAP = 256 << 20  # at most this much freed large memory kept whole in C
+LCACHE_CAP = 256 << 20  # at most this much freed large memory kept in C
 # Spare span structs C holds for cutting a cached span in two; coalescing gives
 # one back per join, so a handful covers a burst of allocations between frees.
 # Topped up whenever Python allocates a span, taken back with the cache.
@@ -725,7 +725,7 @@ class MHeap:
         self.c.next_tick_ns = int(t * 1e9) if self.clock is time.monotonic else 0
 
     def lcache_cap(self) -> int:
-        """Bytes of freed large spans C may keep whole (gh_mheap.lcache_limit):
+        """Bytes of freed large spans C may keep (gh_mheap.lcache_limit):
         enough for a working set of NumPy-sized buffers, small next to the arena.
         Idle either way: the cache goes back to the page heap before it grows,
         at every scavenger tick and on scavenge()."""

@@ -48,7 +48,7 @@ class SpanState(enum.IntEnum):
     LIST_HEAD = _native.MSPAN_LIST_HEAD
     DEAD = _native.MSPAN_DEAD
     FAULTED = _native.MSPAN_FAULTED  # goheap: efence span whose object was freed
-    CACHED = _native.MSPAN_CACHED  # goheap: freed large span kept whole in C's large cache
+    CACHED = _native.MSPAN_CACHED  # goheap: freed large span kept by C (cut, coalesced)
 
 
 def _cfield(name: str, kind: type = int, writable: bool = True) -> Any:
