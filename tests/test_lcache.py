@@ -359,3 +359,43 @@ def test_check_catches_a_broken_spare_list(h):
         h.check()
     h._c.lcache_nspare -= 1
     h.check()
+
+
+@pytest.mark.parametrize("page", [None, 16 * KiB, 64 * KiB], ids=["os", "os16k", "os64k"])
+@pytest.mark.parametrize("seed", range(3))
+def test_random_large_sizes_cut_and_coalesce_keep_every_invariant(page, seed):
+    import random
+
+    from goheap import mem
+
+    rng = random.Random(seed)
+    sysmem = mem.SysMemory(page_size=page) if page else None
+    with goheap.Heap(arena_size=1 << 30, sysmem=sysmem) as h:
+        live: dict[int, int] = {}
+        for _ in range(300):
+            r = rng.random()
+            if r < 0.5 or not live:
+                n = rng.choice(
+                    [rng.randint(32 * KiB + 1, 5 * MiB), rng.randint(5, 600) * PAGE_SIZE - 7]
+                )
+                zero = rng.random() < 0.5
+                p = h.malloc(n, zero=zero)
+                if zero:  # what earlier objects wrote here (see below) is gone
+                    assert h.view(p, n).tobytes() == bytes(n)
+                fill = rng.randint(1, 255)
+                h.view(p)[:] = bytes([fill]) * h.usable_size(p)  # all of it dirty
+                live[p] = fill
+            elif r < 0.9:
+                p = rng.choice(list(live))
+                assert h.view(p, 16).tobytes() == bytes([live.pop(p)]) * 16
+                h.free(p)
+                with pytest.raises(goheap.InvalidFree):
+                    h.free(p)  # DoubleFree while its span is whole, else InvalidFree
+            else:
+                h.scavenge()
+            h.check()
+        for p in live:
+            h.free(p)
+        h.scavenge()
+        h.check()
+        assert h._h.spanalloc.inuse == 1  # the one free span's struct is all that is left
