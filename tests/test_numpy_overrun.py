@@ -54,6 +54,7 @@ lib.fill(ffi.from_buffer("double[]", a), a.size)
 assert a.sum() == 16
 b = np.ones(1000) + a.sum()  # more arrays, freed and reused as usual
 assert b.sum() == 17 * 1000
+print("handler", goheap.numpy_handler.handler_name(a), flush=True)
 """
 
 
@@ -70,6 +71,7 @@ import contextlib, sys
 sys.path.insert(0, {str(ext)!r})
 import numpy as np
 import goheap
+import goheap.numpy_handler
 from _gh_cext import ffi, lib
 opts = {heap!r}
 ctx = contextlib.nullcontext() if opts is None else goheap.numpy_allocator(goheap.Heap(**opts))
@@ -126,5 +128,6 @@ def test_numpys_own_allocator_does_not_notice(ext, body):
 def test_clean_code_passes_on_efence(ext, heap):
     r = run_numpy_child(ext, HEAPS[heap], CLEAN)
     assert r.returncode == 0, r.stderr
+    assert "handler goheap" in r.stdout  # the array was on the efence heap
     assert "survived" in r.stdout
     assert "goheap:" not in r.stderr
