@@ -318,6 +318,39 @@ def large_account(h: Any, nalloc: int, alloc_bytes: int, nfree: int, free_bytes:
     ensure(lib.gh_large_account(h, nalloc, alloc_bytes, nfree, free_bytes), "large_account")
 
 
+def efence_q_push(h: Any, s: Any) -> None:
+    ensure(lib.gh_efence_q_push(h, s), "efence_q_push")
+
+
+def efence_q_oldest(h: Any, npages: int) -> int:
+    """The struct address of the oldest quarantined span of npages pages (0:
+    of any length), or 0."""
+    out = ffi.new("uintptr_t *")
+    ensure(lib.gh_efence_q_oldest(h, npages, out), "efence_q_oldest", npages)
+    return int(out[0])
+
+
+def efence_q_unlink(h: Any, s: Any) -> None:
+    ensure(lib.gh_efence_q_unlink(h, s), "efence_q_unlink")
+
+
+def efence_q_list(h: Any) -> list[int] | None:
+    """The quarantined spans' struct addresses, oldest first, or None if the
+    list breaks one of its invariants (checked in C memory)."""
+    out = ffi.new("uintptr_t[]", max(int(h.efq_nspans), 1))
+    n = ffi.new("uintptr_t *")
+    st = lib.gh_efence_q_list(h, out, len(out), n)
+    if st == ECORRUPT:
+        return None
+    ensure(st, "efence_q_list")
+    return [int(out[i]) for i in range(n[0])]
+
+
+def new_flag() -> Any:
+    """An int32_t cell C reads (the OS layer's "calls are hooked" flag)."""
+    return ffi.new("int32_t *")
+
+
 def lcache_list(h: Any) -> list[int] | None:
     """The struct addresses of every span in the large cache, or None if the
     cache breaks one of its invariants (checked in C memory)."""

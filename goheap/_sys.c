@@ -791,6 +791,243 @@ static inline void count_live(gh_mheap *h, uintptr_t n)
         h->peak_bytes = h->live_bytes;
 }
 
+/* ------------------------------------------------------------------------
+ * The efence quarantine (invariants in _sys.h, at gh_mheap.efq_head)
+ *
+ * A sampled object's malloc+free is three system calls when it stays here
+ * (map the data pages, fault them, drop them) and two Python slow paths
+ * when it does not; so the steady state of a full quarantine, where each
+ * free faults a span and the next sampled malloc of that page count takes
+ * the oldest one back, is C's.  Anything else (a quarantine over its bound,
+ * a span to delete, growth, a system call that failed) goes to Python,
+ * which decides under its heap lock with the same books.  The system calls
+ * are made under h->lock: the span must not be seen half changed, and the
+ * lock's waiters yield.  Every function here runs with h->lock held.
+ * ------------------------------------------------------------------------ */
+
+static inline void efq_push(gh_mheap *h, gh_mspan *s)
+{
+    s->next = NULL;
+    s->prev = h->efq_tail;
+    if (h->efq_tail != NULL)
+        h->efq_tail->next = s;
+    else
+        h->efq_head = s;
+    h->efq_tail = s;
+    h->efq_bytes += s->npages << GH_PAGE_SHIFT;
+    h->efq_nspans++;
+}
+
+static inline void efq_unlink(gh_mheap *h, gh_mspan *s)
+{
+    if (s->prev != NULL)
+        s->prev->next = s->next;
+    else
+        h->efq_head = s->next;
+    if (s->next != NULL)
+        s->next->prev = s->prev;
+    else
+        h->efq_tail = s->prev;
+    s->next = s->prev = NULL;
+    h->efq_bytes -= s->npages << GH_PAGE_SHIFT;
+    h->efq_nspans--;
+}
+
+/* Whether C may make efence's system calls now (Python lets it, and the OS
+ * layer is not injecting failures or tracing calls). */
+static inline int efq_c_ok(const gh_mheap *h)
+{
+    return h->efq_on && !h->frozen && (h->efq_hook == NULL || *h->efq_hook == 0) &&
+           h->efq_pagesize != 0;
+}
+
+/* Faulted (Reserved) data pages readable and writable again, reading zero.
+ * Linux: mprotect, cheaper than the fresh mapping gh_sys_map makes (no
+ * mapping torn down and built), and the pages read zero because
+ * gh_sys_fault dropped them with MADV_DONTNEED.  Elsewhere dropped pages may
+ * keep their bytes (MADV_FREE_REUSABLE), so a fresh mapping it is.  Either
+ * way a failure changes nothing. */
+static int efq_map_again(uintptr_t v, size_t n, size_t pagesize)
+{
+#if defined(__linux__)
+    if (!os_args_ok(v, n, pagesize, 0))
+        return GH_EARG;
+    return mprotect((void *)v, n, PROT_READ | PROT_WRITE) == 0 ? GH_OK : errno;
+#else
+    return gh_sys_map(v, n, pagesize);
+#endif
+}
+
+/* The oldest quarantined span of npages pages (0: any), or NULL.  A walk:
+ * in the steady state (one size sampled over and over) it is the first. */
+static gh_mspan *efq_oldest(const gh_mheap *h, uintptr_t npages)
+{
+    gh_mspan *s;
+    for (s = h->efq_head; s != NULL; s = s->next)
+        if (npages == 0 || s->npages == npages)
+            return s;
+    return NULL;
+}
+
+/* A sampled object of size bytes in the oldest span of its page count, as
+ * efence.py lays one out (malloc's alignment, right against the guard,
+ * which stayed faulted): its address, or 0 if the quarantine is not full,
+ * holds no span of that length, or the OS will not map the data pages
+ * (then nothing changed and Python makes the object). */
+static uintptr_t efence_reuse(gh_mheap *h, uintptr_t size, int zero)
+{
+    uintptr_t unit = h->efq_unit, align, usable, data, span_bytes, base, old;
+    gh_mspan *s;
+
+    if (!h->efq_reuse || !efq_c_ok(h) || unit < GH_PAGE_SIZE || size > (1UL << 40))
+        return 0;
+    align = size >= 16 ? 16 : 8;
+    usable = ((size > 0 ? size : 1) + align - 1) & ~(align - 1);
+    data = (usable + unit - 1) & ~(unit - 1);
+    span_bytes = data + unit;
+    if (h->efq_nspans < h->efq_max_spans && h->efq_bytes + span_bytes <= h->efq_max_bytes)
+        return 0; /* not full: a fresh span keeps the older ones faulted */
+    s = efq_oldest(h, span_bytes >> GH_PAGE_SHIFT);
+    if (s == NULL || efq_map_again(s->start, data, h->efq_pagesize) != GH_OK)
+        return 0;
+    efq_unlink(h, s);
+    base = s->start + data - usable;
+    old = s->base & ~(uintptr_t)(GH_PTR_SIZE - 1);
+    if (old != (base & ~(uintptr_t)(GH_PTR_SIZE - 1)))
+        bitmap_set(h, old, 0, GH_BIT_BOUNDARY);
+    bitmap_set(h, base & ~(uintptr_t)(GH_PTR_SIZE - 1), GH_BIT_ALLOCATED, GH_BIT_BOUNDARY);
+    /* needzero: the pages were not dropped when faulted (see efence_free). */
+    if (zero && s->needzero)
+        memset((void *)base, 0, usable);
+    s->state = GH_MSPAN_IN_USE;
+    s->needzero = 1; /* dirty once handed out */
+    s->base = base;
+    s->elemsize = usable;
+    s->limit = base + usable;
+    s->ref = 1;
+    h->nlargealloc++;
+    h->largealloc += usable;
+    count_live(h, usable);
+    h->efence_sampled_c++;
+    h->efence_reused++;
+    return base;
+}
+
+/* The sampled allocation the countdown just drew, served here if it can be
+ * (the pending sample is then used up), else 0: the slow path makes it. */
+static inline uintptr_t efence_sample_serve(gh_mheap *h, uintptr_t size, int zero)
+{
+    uintptr_t v = efence_reuse(h, size, zero);
+    if (v != 0)
+        h->sample_pending--;
+    return v;
+}
+
+/* free(v) of the live efence object of span s: faulted and quarantined
+ * here, 1; or 0, nothing changed, when Python must do it (C may not make
+ * the calls, v is not the object's start, the quarantine would pass a bound
+ * and Python must retire spans, or mprotect failed and Python says why). */
+static int efence_free(gh_mheap *h, gh_mspan *s, uintptr_t v)
+{
+    uintptr_t nbytes = s->npages << GH_PAGE_SHIFT;
+    if (!efq_c_ok(h) || v != s->base || s->ref != 1 || h->efq_nspans + 1 > h->efq_max_spans ||
+        h->efq_bytes + nbytes > h->efq_max_bytes)
+        return 0;
+    /* gh_sys_fault, keeping what it does not say: whether the pages were
+     * dropped (then they read zero when efq_map_again maps them again). */
+    if (!os_args_ok(s->start, nbytes, h->efq_pagesize, 0) ||
+        mprotect((void *)s->start, nbytes, PROT_NONE) != 0)
+        return 0;
+#if defined(__linux__)
+    s->needzero = madvise((void *)s->start, nbytes, MADV_DONTNEED) != 0;
+#else
+    (void)gh_sys_unused(s->start, nbytes, h->efq_pagesize);
+    s->needzero = 1;
+#endif
+    bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
+    s->ref = 0;
+    s->state = GH_MSPAN_FAULTED;
+    efq_push(h, s);
+    h->nlargefree++;
+    h->largefree += s->elemsize;
+    h->live_bytes -= s->elemsize;
+    return 1;
+}
+
+int gh_efence_q_push(gh_mheap *h, gh_mspan *s)
+{
+    if (h == NULL || s == NULL)
+        return GH_EARG;
+    if (!heap_lock_open(h))
+        return GH_EARG;
+    /* Python pushes a span it has just faulted, never a listed one. */
+    if (s->state != GH_MSPAN_FAULTED || !s->efence || s->sizeclass != 0) {
+        heap_unlock(h);
+        return GH_EARG;
+    }
+    efq_push(h, s);
+    heap_unlock(h);
+    return GH_OK;
+}
+
+int gh_efence_q_oldest(gh_mheap *h, uintptr_t npages, uintptr_t *out)
+{
+    if (h == NULL || out == NULL)
+        return GH_EARG;
+    if (!heap_lock_open(h))
+        return GH_EARG;
+    *out = (uintptr_t)efq_oldest(h, npages);
+    heap_unlock(h);
+    return GH_OK;
+}
+
+int gh_efence_q_unlink(gh_mheap *h, gh_mspan *s)
+{
+    gh_mspan *t;
+    if (h == NULL || s == NULL)
+        return GH_EARG;
+    if (!heap_lock_open(h))
+        return GH_EARG;
+    /* A walk to be sure s is listed: Python retires spans one at a time,
+     * each a system call or two, so this is never the cost that counts. */
+    for (t = h->efq_head; t != NULL && t != s; t = t->next)
+        ;
+    if (t == NULL) {
+        heap_unlock(h);
+        return GH_EARG;
+    }
+    efq_unlink(h, s);
+    heap_unlock(h);
+    return GH_OK;
+}
+
+int gh_efence_q_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
+{
+    gh_mspan *s, *prev = NULL;
+    uintptr_t i = 0, bytes = 0;
+    int st = GH_OK;
+    if (h == NULL || n == NULL || (out == NULL && max != 0))
+        return GH_EARG;
+    if (!heap_lock_open(h))
+        return GH_EARG;
+    for (s = h->efq_head; s != NULL; prev = s, s = s->next) {
+        if (s->prev != prev || s->state != GH_MSPAN_FAULTED || !s->efence || s->sizeclass != 0 ||
+            i >= h->efq_nspans) {
+            st = GH_ECORRUPT;
+            break;
+        }
+        if (i < max)
+            out[i] = (uintptr_t)s;
+        i++;
+        bytes += s->npages << GH_PAGE_SHIFT;
+    }
+    if (st == GH_OK && (prev != h->efq_tail || i != h->efq_nspans || bytes != h->efq_bytes))
+        st = GH_ECORRUPT;
+    *n = i;
+    heap_unlock(h);
+    return st;
+}
+
 /* sample: count this allocation in the sampled-efence countdown (0: the slow
  * path, which has made its choice, asking again). */
 static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero, int sample)
@@ -807,8 +1044,9 @@ static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero, int 
     if (!heap_lock_open(h))
         return (uintptr_t)-GH_EARG;
     if (sample && sample_due(h)) {
+        v = efence_sample_serve(h, size, zero); /* a quarantined span, or the slow path's */
         heap_unlock(h);
-        return (uintptr_t)-GH_MISS; /* sampled: the slow path makes an efence object */
+        return v != 0 ? v : (uintptr_t)-GH_MISS;
     }
     if (h->frozen) {
         heap_unlock(h);
@@ -1175,8 +1413,12 @@ static uintptr_t large_alloc(gh_mheap *h, uintptr_t size, int zero, int sample)
     uintptr_t v;
     if (!heap_lock_open(h))
         return (uintptr_t)-GH_EARG;
-    /* A sampled allocation misses: the slow path makes it an efence object. */
-    v = ((sample && sample_due(h)) || h->frozen) ? 0 : lcache_alloc(h, size, zero);
+    /* A sampled allocation is an efence object: a quarantined span, or a miss
+     * (the slow path makes one). */
+    if (sample && sample_due(h))
+        v = efence_sample_serve(h, size, zero);
+    else
+        v = h->frozen ? 0 : lcache_alloc(h, size, zero);
     heap_unlock(h);
     return v != 0 ? v : (uintptr_t)-GH_MISS;
 }
@@ -1373,7 +1615,7 @@ int gh_mcache_free(gh_mheap *h, uintptr_t v)
         return GH_ECORRUPT;
     }
     if (s->sizeclass == 0) {
-        int cached = lcache_put(h, s, v);
+        int cached = s->efence ? efence_free(h, s, v) : lcache_put(h, s, v);
         heap_unlock(h);
         return cached ? GH_OK : GH_FREED_LARGE;
     }

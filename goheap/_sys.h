@@ -99,7 +99,8 @@ typedef struct gh_mspan {
     uint8_t   incache;    /* owned by the mcache: C allocates from it         */
     uint8_t   needzero;   /* memory may be dirty: carve writes zero markers   */
     uint8_t   inlist;     /* on its class's nonempty list (h->nonempty[cl])  */
-    uint8_t   pad[3];
+    uint8_t   efence;     /* large span holding an efence object (live or faulted) */
+    uint8_t   pad[2];
     struct gh_mspan *next;  /* nonempty list links, valid while inlist        */
     struct gh_mspan *prev;
 } gh_mspan;
@@ -158,6 +159,25 @@ typedef struct gh_mheap {
     uint32_t  sample_left;   /* allocations until the next sample, 0 = off */
     uint64_t  sample_pending;/* samples drawn in C, not yet taken by Python */
     uint64_t  sample_rng;    /* xorshift64 state, never 0 while sampling   */
+    /* The efence quarantine (efence.py's books, kept here so that a sampled
+     * malloc+free stays in C).  Every FAULTED span is on one list, oldest
+     * first, linked through next/prev (a FAULTED span is on no other list);
+     * efq_bytes and efq_nspans add it up.  Python sets the bounds (efq_max_*,
+     * UINT64_MAX: none), the efence unit and the OS page (efq_unit,
+     * efq_pagesize), and efq_on: C may make the efence system calls itself.
+     * efq_hook points at the OS layer's "calls are being injected or traced"
+     * flag (mem.SysMemory): while it is set every efence call goes to Python,
+     * so each system call is seen there.  efq_reuse: C hands the oldest span
+     * of the page count asked for to the next sampled object once the
+     * quarantine is full.  Counts: efence_sampled_c (sampled objects C made),
+     * efence_reused (spans reused, by C or Python). */
+    gh_mspan *efq_head, *efq_tail;
+    uint64_t  efq_bytes, efq_nspans;
+    uint64_t  efq_max_bytes, efq_max_spans;
+    uint64_t  efq_unit, efq_pagesize;
+    const int32_t *efq_hook;
+    int32_t   efq_on, efq_reuse;
+    uint64_t  efence_sampled_c, efence_reused;
 } gh_mheap;
 
 
@@ -219,6 +239,17 @@ int gh_mheap_peak(gh_mheap *h, int reset, uint64_t *live, uint64_t *peak);
  * sample is used up if there is one, else *out = 0. */
 int gh_efence_sample_init(gh_mheap *h, uint32_t rate, uint64_t seed);
 int gh_efence_sample_take(gh_mheap *h, int tick, int *out);
+
+/* ---- the efence quarantine (invariants at gh_mheap.efq_head) ---------------
+ * gh_efence_q_push: s, FAULTED and marked efence, joins the list as the
+ * newest.  gh_efence_q_oldest: *out = the oldest span of npages pages (0:
+ * of any), or 0; nothing changes.  gh_efence_q_unlink: s leaves the list
+ * (GH_EARG unless it is on it).  gh_efence_q_list: the list, oldest first,
+ * into out[max]; GH_ECORRUPT if links, states or totals disagree. */
+int gh_efence_q_push(gh_mheap *h, gh_mspan *s);
+int gh_efence_q_oldest(gh_mheap *h, uintptr_t npages, uintptr_t *out);
+int gh_efence_q_unlink(gh_mheap *h, gh_mspan *s);
+int gh_efence_q_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n);
 
 /* ---- fault reporter (efence diagnosis) ------------------------------------
  * gh_fault_register: h joins the fixed registry the reporter searches

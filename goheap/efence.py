@@ -77,7 +77,6 @@ to a live span and lies inside it.  The caller of every method holds the heap lo
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 
 from goheap import _native
 from goheap.errors import HeapCorruption, OutOfMemory
@@ -180,18 +179,57 @@ class EFence:
         self.quarantine = quarantine
         self.max_spans = max_spans  # the quarantine's bound in spans (None: bytes only)
         self.unit = h.align
-        self.faulted: OrderedDict[int, MSpan] = OrderedDict()  # span struct -> span, oldest first
-        # reuse (sampling heaps): a full quarantine hands its oldest span of
-        # the size asked for to the next allocation (GWP-ASan reuses a freed
-        # slot), so that in the steady state a sampled malloc+free is three
-        # syscalls and no page-heap work.  Per page count, oldest first.
+        # The quarantine's books are C's (gh_mheap.efq_*: one list of the
+        # FAULTED spans, oldest first), so that C can fault a freed efence
+        # object and, with reuse, hand a full quarantine's oldest span of the
+        # size asked for to the next sampled object (GWP-ASan reuses a freed
+        # slot) without Python: in the steady state a sampled malloc+free is
+        # three system calls and no Python.  Python sets the bounds and
+        # retires spans past them; C marks each efence span (gh_mspan.efence)
+        # so its free knows one.
         self.reuse = reuse
-        self.faulted_by_npages: dict[int, OrderedDict[int, MSpan]] = {}
-        self.reused = 0
-        self.faulted_bytes = 0
         self.deleted = 0
-        self.guards: dict[int, tuple[int, int]] = {}  # live span struct -> faulted guard range
+        self._reused = 0  # by Python (C counts its own: gh_mheap.efence_reused)
         self.delete_refused = False
+        c = h.c
+        c.efq_max_bytes = quarantine if quarantine is not None else _UNBOUNDED
+        c.efq_max_spans = max_spans if max_spans is not None else _UNBOUNDED
+        c.efq_unit = self.unit
+        c.efq_pagesize = h.mem.page_size
+        hook = getattr(h.mem, "c_hooked", None)
+        if hook is not None:
+            c.efq_hook = hook
+        c.efq_reuse = int(reuse and guard == "after")
+        c.efq_on = int(hook is not None)  # an OS layer C cannot see past: Python does it all
+
+    # ---- the books (C's) ----------------------------------------------------------
+
+    @property
+    def faulted_bytes(self) -> int:
+        return int(self.h.c.efq_bytes)
+
+    @property
+    def nfaulted(self) -> int:
+        return int(self.h.c.efq_nspans)
+
+    @property
+    def reused(self) -> int:
+        return self._reused + int(self.h.c.efence_reused)
+
+    def faulted_spans(self) -> list[MSpan]:
+        """The quarantined spans, oldest first."""
+        found = _native.efence_q_list(self.h.c)
+        if found is None:
+            raise HeapCorruption("efence: the quarantine's list is broken")
+        return [MSpan(a) for a in found]
+
+    def guard_of(self, s: MSpan) -> tuple[int, int] | None:
+        """The faulted guard of live efence span s: (address, length), or None."""
+        if self.guard == "after":
+            return s.end - self.unit, self.unit
+        if self.guard == "before":
+            return s.start, self.unit
+        return None
 
     # ---- alloc ------------------------------------------------------------------
 
@@ -235,7 +273,6 @@ class EFence:
                     f"efence: malloc({n}): cannot fault the guard page at {guard_lo:#x}: "
                     f"{self.exhaustion_cause(e)}"
                 ) from e
-            self.guards[s.addr] = (guard_lo, unit)
         if zero and s.needzero:
             _native.memclr(base, usable)
         s.needzero = True
@@ -243,12 +280,13 @@ class EFence:
         s.elemsize = usable
         s.limit = base + usable
         s.ref = 1
+        s._c.efence = 1
         _native.bitmap_set(h.c, word(base), _native.BIT_ALLOCATED, _native.BIT_BOUNDARY)
         return base, usable
 
     def quarantine_full(self, span_bytes: int) -> bool:
         """Whether one more faulted span of span_bytes would pass a bound."""
-        if self.max_spans is not None and len(self.faulted) >= self.max_spans:
+        if self.max_spans is not None and self.nfaulted >= self.max_spans:
             return True
         return self.quarantine is not None and self.faulted_bytes + span_bytes > self.quarantine
 
@@ -256,36 +294,27 @@ class EFence:
         """The oldest faulted span of npages pages, live again for an object of
         usable bytes right-aligned against its guard (guard="after": the guard
         is where it was and stays faulted); its address, or 0 if there is none
-        or the OS refuses to map its data pages again (nothing changed then)."""
-        same = self.faulted_by_npages.get(npages)
-        if not same:
+        or the OS refuses to map its data pages again (nothing changed then).
+        C does the same (efence_reuse in _sys.c) when it may make the calls."""
+        addr = _native.efence_q_oldest(self.h.c, npages)
+        if not addr:
             return 0
-        s = next(iter(same.values()))
+        s = MSpan(addr)
         try:
             self.h.mem.sys_map(s.start, data, None)  # Reserved -> Ready, zero
         except (OSError, MemoryError):
             return 0
-        self._unlist(s)
+        _native.efence_q_unlink(self.h.c, s._c)
         h, old = self.h, word(s.base)
         base = s.start + data - usable
         if old != word(base):
             _native.bitmap_set(h.c, old, 0, _native.BIT_BOUNDARY)
         _native.bitmap_set(h.c, word(base), _native.BIT_ALLOCATED, _native.BIT_BOUNDARY)
         s.state = SpanState.IN_USE
-        s.needzero = False  # fresh pages from the OS
+        s.needzero = True  # fresh pages from the OS now, dirty once handed out
         s.base, s.elemsize, s.limit, s.ref = base, usable, base + usable, 1
-        self.guards[s.addr] = (s.start + data, self.unit)
-        self.reused += 1
+        self._reused += 1
         return base
-
-    def _unlist(self, s: MSpan) -> None:
-        """Take faulted span s out of the quarantine's books."""
-        del self.faulted[s.addr]
-        same = self.faulted_by_npages[s.npages]
-        del same[s.addr]
-        if not same:
-            del self.faulted_by_npages[s.npages]
-        self.faulted_bytes -= s.nbytes
 
     # ---- free -------------------------------------------------------------------
 
@@ -317,7 +346,8 @@ class EFence:
 
     def free(self, s: MSpan) -> None:
         """Fault the whole span and keep it (the bitmap already says "free").
-        If the fault fails the object stays live and OutOfMemory says why."""
+        If the fault fails the object stays live and OutOfMemory says why.
+        (C does the same in efence_free when the quarantine has room.)"""
         h = self.h
         try:
             h.mem.sys_fault(s.start, s.nbytes)
@@ -328,25 +358,24 @@ class EFence:
                 f"efence: free({s.base:#x}): cannot fault its span [{s.start:#x}, {s.end:#x}): "
                 f"{self.exhaustion_cause(e)}; the object is still live"
             ) from e
-        self.guards.pop(s.addr, None)
         s.state = SpanState.FAULTED
-        self.faulted[s.addr] = s
-        self.faulted_by_npages.setdefault(s.npages, OrderedDict())[s.addr] = s
-        self.faulted_bytes += s.nbytes
-        while self.faulted and self.over_quarantine():
-            if not self.delete_span(next(iter(self.faulted.values()))):
+        s.needzero = True  # sys_fault does not say whether its pages were dropped
+        _native.efence_q_push(h.c, s._c)
+        while self.over_quarantine():
+            oldest = _native.efence_q_oldest(h.c, 0)
+            if not oldest or not self.delete_span(MSpan(oldest)):
                 break
 
     def over_quarantine(self) -> bool:
         """Whether the faulted spans exceed the quarantine's bounds."""
         over_bytes = self.quarantine is not None and self.faulted_bytes > self.quarantine
-        return over_bytes or (self.max_spans is not None and len(self.faulted) > self.max_spans)
+        return over_bytes or (self.max_spans is not None and self.nfaulted > self.max_spans)
 
     def holds(self, s: MSpan) -> bool:
         """Whether live span s holds one of this EFence's objects.  For a
         sampling heap, where efence objects and normal large ones share the
-        page heap: sampled objects always have a guard, and it is listed."""
-        return s.addr in self.guards
+        page heap: C's mark on the span says."""
+        return bool(s._c.efence)
 
     def delete_span(self, s: MSpan) -> bool:
         """MHeap_DeleteSpan: retire a faulted span so its addresses can be reused,
@@ -359,10 +388,11 @@ class EFence:
             self.delete_refused = True
             return False
         self.delete_refused = False
-        self._unlist(s)
+        _native.efence_q_unlink(h.c, s._c)
         self.deleted += 1
         _native.bitmap_unmarkspan(h.c, s.start, s.nbytes)
         s.needzero = False
+        s._c.efence = 0
         h.free_span_locked(s)
         return True
 
@@ -401,7 +431,7 @@ class EFence:
                 f"{addr:#x} is {where} freed efence object {obj} (guard {self.guard}), "
                 f"faulted span [{s.start:#x}, {s.end:#x}): use after free"
             )
-        g = self.guards.get(s.addr)
+        g = self.guard_of(s) if self.holds(s) else None
         if g is not None and g[0] <= addr < g[0] + g[1]:
             kind = "overrun" if self.guard == "after" else "underrun"
             return (
@@ -416,48 +446,50 @@ class EFence:
     # ---- consistency --------------------------------------------------------------
 
     def check(self, faulted_walked: int) -> None:
+        """The quarantine's list in C memory (links, states, totals: C checks
+        those) against the arena walk's FAULTED bytes, and each listed span."""
+        listed = _native.efence_q_list(self.h.c)
+        if listed is None:
+            raise HeapCorruption("efence: the quarantine's list, states or totals are broken")
+        if len(set(listed)) != len(listed):
+            raise HeapCorruption("efence: a span is listed twice in the quarantine")
         if faulted_walked != self.faulted_bytes:
             raise HeapCorruption(
                 f"efence: the arena holds {faulted_walked} faulted bytes, the books "
                 f"{self.faulted_bytes}"
             )
-        if sum(s.nbytes for s in self.faulted.values()) != self.faulted_bytes:
-            raise HeapCorruption(f"efence: faulted list does not add up to {self.faulted_bytes}")
-        by_npages = {a for d in self.faulted_by_npages.values() for a in d}
-        if by_npages != set(self.faulted) or any(
-            s.npages != k for k, d in self.faulted_by_npages.items() for s in d.values()
-        ):
-            raise HeapCorruption("efence: the quarantine's lists by page count disagree")
-        for s in self.faulted.values():
-            if s.state != SpanState.FAULTED:
-                raise HeapCorruption(f"efence: {s!r} is listed as faulted")
+        for a in listed:
+            s = MSpan(a)
+            if self.h.span_of(a) is None or _native.spans_get(self.h.c, s.start) != a:
+                raise HeapCorruption(f"efence: quarantined {s!r} is not in the spans table")
             bits = _native.bitmap_get(self.h.c, word(s.base))
             if bits & _native.BIT_ALLOCATED or not bits & _native.BIT_BOUNDARY:
                 raise HeapCorruption(f"efence: faulted {s!r} not marked freed (bits {bits:#x})")
             self._check_geometry(s)
-        for addr, (lo, n) in self.guards.items():
-            g = self.h.span_of(addr)
-            if g is None or g.state != SpanState.IN_USE or not g.start <= lo < lo + n <= g.end:
-                raise HeapCorruption(f"efence: guard {lo:#x}+{n:#x} belongs to no live span {g!r}")
-            if lo < g.limit and g.base < lo + n:
-                raise HeapCorruption(f"efence: guard {lo:#x}+{n:#x} overlaps object of {g!r}")
         if self.over_quarantine() and not self.delete_refused:
             raise HeapCorruption(
-                f"efence: quarantine holds {self.faulted_bytes} bytes in {len(self.faulted)} "
+                f"efence: quarantine holds {self.faulted_bytes} bytes in {self.nfaulted} "
                 f"spans, limits {self.quarantine} bytes, {self.max_spans} spans"
             )
 
     def check_live(self, s: MSpan) -> None:
-        """A live efence span: whole units, its guard where the mode says."""
+        """A live efence span: whole units, marked, its guard where the mode says
+        and clear of the object."""
         self._check_geometry(s)
-        if (self.guard != "none") != (s.addr in self.guards):
-            raise HeapCorruption(f"efence: live {s!r} guard {self.guards.get(s.addr)}")
+        if not s._c.efence:
+            raise HeapCorruption(f"efence: live {s!r} is not marked an efence span")
+        g = self.guard_of(s)
+        if g is not None and (g[0] < s.limit and s.base < g[0] + g[1]):
+            raise HeapCorruption(f"efence: guard {g[0]:#x}+{g[1]:#x} overlaps object of {s!r}")
 
     def _check_geometry(self, s: MSpan) -> None:
         if s.start % self.unit or s.nbytes % self.unit:
             raise HeapCorruption(f"efence: {s!r} is not whole OS pages ({self.unit})")
         if not s.start <= s.base < s.base + s.elemsize <= s.end:
             raise HeapCorruption(f"efence: object of {s!r} leaves its span")
+
+
+_UNBOUNDED = (1 << 64) - 1  # C's "no bound"
 
 
 def _position(addr: int, base: int, size: int) -> str:

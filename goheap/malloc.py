@@ -815,7 +815,7 @@ class Heap:
             by_size=by_size,
             efence_faulted=ef.faulted_bytes if ef else 0,
             efence_deleted=ef.deleted if ef else 0,
-            efence_sampled=self._sampled,
+            efence_sampled=self._sampled + int(self._c.efence_sampled_c),
             os_page_size=h.os_page_size,
             peak_alloc=peak,
         )

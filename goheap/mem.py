@@ -27,6 +27,7 @@ import errno as errno_mod
 import random
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from goheap import _native
 from goheap.errors import OutOfMemory
@@ -57,8 +58,23 @@ class SysMemory:
     trace: list[tuple[str, int, int]] | None = None  # (primitive, v, n) when enabled
     _inject: dict[str, _Injection] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Set while calls are injected or traced: C's efence path (_sys.c, the
+    # efence quarantine) then leaves its system calls to Python, so that
+    # every one is seen here.
+    c_hooked: Any = field(default_factory=_native.new_flag, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "trace":
+            self._sync_hook()
+
+    def _sync_hook(self) -> None:
+        cell = self.__dict__.get("c_hooked")
+        if cell is not None:
+            cell[0] = int(bool(self._inject) or self.trace is not None)
 
     def __post_init__(self) -> None:
+        self._sync_hook()
         real = _native.os_page_size()
         if self.page_size == 0:
             self.page_size = real
@@ -90,9 +106,11 @@ class SysMemory:
         if nth is not None and nth < 1:
             raise ValueError("nth counts from 1")
         self._inject[primitive] = _Injection(nth, probability, random.Random(seed), err)
+        self._sync_hook()
 
     def clear_injections(self) -> None:
         self._inject.clear()
+        self._sync_hook()
 
     def injected_failures(self) -> int:
         return sum(i.failures for i in self._inject.values())
@@ -114,6 +132,7 @@ class SysMemory:
             inj.failures += 1
             if inj.nth is not None:
                 del self._inject[primitive]
+                self._sync_hook()
         where = f"sys_{primitive}(v={v:#x}, n={n:#x})"
         if inj.err == errno_mod.ENOMEM:
             raise OutOfMemory(f"{where}: out of memory (injected, errno {inj.err})")

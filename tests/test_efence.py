@@ -116,13 +116,13 @@ def assert_kernel_agrees(h):
             assert snap.perms(s.start, s.nbytes) == {"---p"}, s
         elif s.state == SpanState.IN_USE:
             assert snap.perms(s.base, s.elemsize) == {"rw-p"}, s
-            g = ef.guards.get(s.addr)
+            g = ef.guard_of(s) if s.sizeclass == 0 else None
             if g is not None:
                 assert snap.perms(*g) == {"---p"}, (s, g)
                 assert g[0] % ps == 0 and g[1] % ps == 0
         if s.state != SpanState.FREE:
             assert s.start % ps == 0 and s.nbytes % ps == 0, s
-    assert nfaulted == len(ef.faulted)
+    assert nfaulted == ef.nfaulted == len(ef.faulted_spans())
 
 
 def assert_books(h, mallocs, frees, live_bytes=None):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import sys
 import threading
 
 import pytest
@@ -168,7 +169,7 @@ def test_efence_sample_n_samples_about_one_in_n():
         h.check()
         st = h.stats()
         assert st.mallocs == st.frees == n_alloc and st.heap_alloc == 0
-        assert st.efence_faulted == sum(s.nbytes for s in h._sampler.faulted.values())
+        assert st.efence_faulted == sum(s.nbytes for s in h._sampler.faulted_spans())
 
 
 def test_efence_sample_mean_interval_is_n():
@@ -311,11 +312,11 @@ def test_efence_sample_quarantine_bounded_by_default():
             h.free(p)
         st = h.stats()
         ef = h._sampler
-        assert len(ef.faulted) == bound and len(spans) == bound
+        assert ef.nfaulted == bound and len(spans) == bound
         assert ef.reused == 40 and st.efence_deleted == 0 and st.efence_sampled == bound + 40
         assert ef.quarantine == efence.sample_quarantine_bytes(4 * GiB)
         maps = Maps()
-        assert all(maps.faulted(s.start, s.end) for s in ef.faulted.values())
+        assert all(maps.faulted(s.start, s.end) for s in ef.faulted_spans())
         h.check()
 
 
@@ -416,3 +417,151 @@ def test_efence_sample_numpy_arrays_through_the_handler():
         assert h.stats().efence_sampled >= len(arrays)
         del arrays, a
         h.check()
+
+
+# ---- the quarantine's steady state in C -------------------------------------------------------
+
+
+def full_sampling_heap(bound=8, **kw):
+    """An efence_sample=1 heap whose quarantine (``bound`` spans) is full of
+    64-byte objects' spans, freed through C."""
+    h = new_heap(efence_sample=1, **kw)
+    h._sampler.max_spans = bound  # the bound Python governs, and tells C
+    h._c.efq_max_spans = bound
+    for _ in range(bound):
+        h.free(h.malloc(64))
+    assert h._sampler.nfaulted == bound
+    return h
+
+
+def test_efence_sample_steady_state_makes_no_python_call_and_no_python_syscall():
+    # Full, each sampled malloc takes the oldest span back and each free faults
+    # it again, in C: the OS layer sees no call (C makes them), no goheap
+    # Python function runs, and the kernel shows what the books say.
+    with full_sampling_heap() as h:
+        calls = dict(h._h.mem.calls)
+        reused = h._sampler.reused
+        sampled = h.stats().efence_sampled
+        called = []
+
+        def profile(frame, event, arg):
+            if event == "call" and "goheap" in frame.f_code.co_filename:
+                called.append(frame.f_code.co_name)
+
+        m, f = h.malloc, h.free
+        sys.setprofile(profile)
+        try:
+            for _ in range(50):
+                f(m(64))
+            p = m(40)
+        finally:
+            sys.setprofile(None)
+        assert called == []
+        assert h._h.mem.calls == calls
+        assert h._sampler.reused == reused + 51
+        assert h.stats().efence_sampled == sampled + 51
+        maps = Maps()
+        assert maps.guarded(p, 48) and bytes(h.view(p)) == bytes(48)
+        assert all(maps.faulted(s.start, s.end) for s in h._sampler.faulted_spans())
+        assert h._sampler.nfaulted == 7
+        h.check()
+        f(p)
+        with pytest.raises(goheap.DoubleFree):
+            f(p)  # C's quarantine keeps the verdict
+        with pytest.raises(goheap.InvalidFree):
+            f(p + 16)
+        assert h._sampler.nfaulted == 8
+        h.check()
+
+
+def test_efence_sample_quarantine_order_is_fifo_across_c_and_python():
+    # The oldest span is handed out first, whoever faulted it: frees alternate
+    # between C and Python (a traced OS layer sends every call to Python).
+    with full_sampling_heap(bound=4) as h:
+        order = [s.start for s in h._sampler.faulted_spans()]
+        got = []
+        for i in range(8):
+            h._h.mem.trace = [] if i % 2 else None
+            p = h.malloc(64)
+            got.append(h._h.lookup(p).start)
+            h.free(p)
+            h.check()
+        h._h.mem.trace = None
+        assert got == order + order
+        assert h.stats().efence_deleted == 0
+
+
+def test_efence_sample_traced_or_injected_calls_all_reach_python():
+    with full_sampling_heap(bound=4) as h:
+        h._h.mem.trace = []
+        h.free(h.malloc(64))
+        assert [c[0] for c in h._h.mem.trace] == ["map", "fault"]
+        h._h.mem.trace = None
+        assert not h._h.mem.c_hooked[0]
+
+
+@pytest.mark.parametrize("primitive", ["map", "fault"])
+def test_efence_sample_injected_failure_in_the_steady_state(primitive):
+    # map: the oldest span stays quarantined and the object gets a fresh span;
+    # fault: the object stays live and free raises OutOfMemory.
+    with full_sampling_heap(bound=4) as h:
+        before = [s.start for s in h._sampler.faulted_spans()]
+        maps_calls = h._h.mem.calls["map"]
+        h._h.mem.inject(primitive, nth=1)
+        p = h.malloc(64)
+        if primitive == "map":
+            assert h._h.mem.calls["map"] == maps_calls + 1  # tried, in Python, and refused
+            assert h._sampler.nfaulted == 4
+            assert [s.start for s in h._sampler.faulted_spans()] == before
+            # A fresh span instead (sampled still), the quarantine as it was.
+            assert Maps().guarded(p, 64) and h._h.lookup(p).start not in before
+            h.check()
+            h.free(p)
+        else:
+            with pytest.raises(goheap.OutOfMemory):
+                h.free(p)
+            h.check()
+            h.view(p)[0] = 1  # still live and writable
+            h.free(p)
+        h.check()
+        assert not h._h.mem.c_hooked[0]
+        h.free(h.malloc(64))  # C again
+        h.check()
+
+
+def test_efence_sample_check_reads_the_c_quarantine():
+    with full_sampling_heap(bound=4) as h:
+        h.check()
+        c = h._c
+        c.efq_nspans += 1
+        with pytest.raises(goheap.HeapCorruption, match="quarantine"):
+            h.check()
+        c.efq_nspans -= 1
+        s = h._sampler.faulted_spans()[1]
+        s.state = efence.SpanState.IN_USE  # listed, but not faulted
+        with pytest.raises(goheap.HeapCorruption):
+            h.check()
+        s.state = efence.SpanState.FAULTED
+        h.check()
+
+
+def test_efence_sample_c_quarantine_faults_in_a_child():
+    # A use-after-free of an object C freed, and an overrun of one C handed out
+    # again, are named by the reporter like any other.
+    for touch_, kind in (
+        ("h.free(p); ctypes.memset(p + 8, 1, 1)", "use-after-free"),
+        ("ctypes.memset(p + 64, 1, 1)", "overrun"),
+    ):
+        proc = run_child(f"""
+import ctypes, goheap
+h = goheap.Heap(arena_size=1 << 30, efence_sample=1)
+h._sampler.max_spans = h._c.efq_max_spans = 2
+for _ in range(5):
+    h.free(h.malloc(64))
+calls = dict(h._h.mem.calls)
+p = h.malloc(64)
+assert h._h.mem.calls == calls and h._sampler.reused == 4
+{touch_}
+""")
+        assert died_of_fault(proc), proc
+        assert f"goheap: {kind} at" in proc.stderr, proc.stderr
