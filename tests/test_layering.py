@@ -15,7 +15,7 @@ LAYERS = {
     "_ffi": 0, "_native": 1, "errors": 1, "debug": 1, "mstats": 2, "mem": 2, "sizeclasses": 2,
     "mspan": 3, "mheap": 4, "mcentral": 5, "mbitmap": 5, "mcache": 6, "efence": 6, "block": 6, "mtrace": 6,
     "malloc": 7, "heap": 7, "__init__": 8, "numpy_handler": 8,
-    "__main__": 9, "cli": 9, "demo": 9, "heapmap": 9, "efence_demo": 9,
+    "__main__": 9, "cli": 9, "demo": 9, "heapmap": 9, "efence_demo": 9, "pytest_plugin": 9,
 }  # fmt: skip
 # Where STYLE.md narrows "any lower layer" to a list.
 EXCEPTIONS = {
