@@ -207,14 +207,12 @@ def test_efence_session_guards_every_array(pytester):
     assert peak >= 2 * 8 * MiB
 
 
-@pytest.mark.parametrize("n", [1, 1000])
-def test_sampled_session_counts_its_efence_objects(pytester, n):
-    mode, mallocs, _, _, efence = run_on_heap(pytester, f"--goheap=sample:{n}")
-    assert mode == f"sample:{n}"
-    if n == 1:
-        assert efence == mallocs >= 7  # 1 in 1: every allocation
-    else:
-        assert 0 <= efence < mallocs
+def test_sampled_session_counts_its_efence_objects(pytester):
+    # 1 in 1: every allocation sampled.  (sample:100 on NumPy's suite samples
+    # about 1% of them: README "The pytest plugin", make numpy-suite.)
+    mode, mallocs, _, _, efence = run_on_heap(pytester, "--goheap=sample:1")
+    assert mode == "sample:1"
+    assert efence == mallocs >= 7
 
 
 def test_summary_goes_to_stderr_without_a_terminal(pytester):
