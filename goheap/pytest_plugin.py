@@ -144,7 +144,9 @@ def _mode_text(config: pytest.Config, opt: str | None) -> tuple[str, str]:
     return str(config.getini(INI) or ""), f"ini option {INI!r}"
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
+# Old-style hookwrapper (not wrapper=True): pytest 7.0-7.3, Debian bookworm's
+# 7.2 among them, know only this one.
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> Any:
     # goheap's fault reporter writes its line with write(2, ...) from the
     # signal handler, and during a test pytest's fd capture has pointed fd 2
@@ -161,7 +163,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> Any:
     if mode is not None and mode.name != "normal" and ns.capture == "fd":
         ns.capture = "sys"
         early_config.stash[_CAPTURE_SWITCHED] = True
-    return (yield)
+    yield
 
 
 @pytest.hookimpl(trylast=True)
@@ -243,10 +245,10 @@ class GoheapSession:
             f"peak {c['peak']} bytes, {efence}{where}"
         )
 
-    @pytest.hookimpl(wrapper=True)
+    @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(self, item: pytest.Item) -> Any:
         try:
-            return (yield)
+            yield
         finally:
             high = self.heap.reset_peak()  # the peak since the last test
             live = self.heap.reset_peak()  # the peak since the line above: the live bytes
