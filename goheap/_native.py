@@ -35,6 +35,10 @@ EDOUBLE: int = lib.GH_EDOUBLE
 ECORRUPT: int = lib.GH_ECORRUPT
 EBUSY: int = lib.GH_EBUSY
 FREED_LARGE: int = lib.GH_FREED_LARGE
+EFENCE_GUARD_NONE: int = lib.GH_EFENCE_GUARD_NONE
+EFENCE_GUARD_AFTER: int = lib.GH_EFENCE_GUARD_AFTER
+EFENCE_GUARD_BEFORE: int = lib.GH_EFENCE_GUARD_BEFORE
+EFR_LISTS: int = lib.GH_EFR_LISTS
 MSPAN_IN_USE: int = lib.GH_MSPAN_IN_USE
 MSPAN_FREE: int = lib.GH_MSPAN_FREE
 MSPAN_LIST_HEAD: int = lib.GH_MSPAN_LIST_HEAD
@@ -343,6 +347,29 @@ def efence_q_list(h: Any) -> list[int] | None:
     if st == ECORRUPT:
         return None
     ensure(st, "efence_q_list")
+    return [int(out[i]) for i in range(n[0])]
+
+
+def efence_ready_put(h: Any, s: Any) -> None:
+    ensure(lib.gh_efence_ready_put(h, s), "efence_ready_put")
+
+
+def efence_ready_take(h: Any, units: int) -> int:
+    """A ready span of units data units (0: any), taken off its list, or 0."""
+    out = ffi.new("uintptr_t *")
+    ensure(lib.gh_efence_ready_take(h, units, out), "efence_ready_take", units)
+    return int(out[0])
+
+
+def efence_ready_list(h: Any) -> list[int] | None:
+    """Every ready efence span's struct address, or None if the lists break
+    one of their invariants (checked in C memory)."""
+    out = ffi.new("uintptr_t[]", max(int(h.efr_nspans), 1))
+    n = ffi.new("uintptr_t *")
+    st = lib.gh_efence_ready_list(h, out, len(out), n)
+    if st == ECORRUPT:
+        return None
+    ensure(st, "efence_ready_list")
     return [int(out[i]) for i in range(n[0])]
 
 

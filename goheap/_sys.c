@@ -874,29 +874,33 @@ static gh_mspan *efq_oldest(const gh_mheap *h, uintptr_t npages)
  * which stayed faulted): its address, or 0 if the quarantine is not full,
  * holds no span of that length, or the OS will not map the data pages
  * (then nothing changed and Python makes the object). */
-static uintptr_t efence_reuse(gh_mheap *h, uintptr_t size, int zero)
+/* An object of size bytes as efence.py rounds it: its usable size and its
+ * data pages' length; 0 if the heap has no efence unit or size is absurd. */
+static inline int efence_geometry(const gh_mheap *h, uintptr_t size, uintptr_t *usable,
+                                  uintptr_t *data)
 {
-    uintptr_t unit = h->efq_unit, align, usable, data, span_bytes, base, old;
-    gh_mspan *s;
+    uintptr_t unit = h->efq_unit, a = h->efq_align ? h->efq_align : size >= 16 ? 16 : 8;
+    if (unit < GH_PAGE_SIZE || size > ((uintptr_t)1 << 40))
+        return 0;
+    *usable = ((size > 0 ? size : 1) + a - 1) & ~(a - 1);
+    *data = (*usable + unit - 1) & ~(unit - 1);
+    return 1;
+}
 
-    if (!h->efq_reuse || !efq_c_ok(h) || unit < GH_PAGE_SIZE || size > (1UL << 40))
-        return 0;
-    align = size >= 16 ? 16 : 8;
-    usable = ((size > 0 ? size : 1) + align - 1) & ~(align - 1);
-    data = (usable + unit - 1) & ~(unit - 1);
-    span_bytes = data + unit;
-    if (h->efq_nspans < h->efq_max_spans && h->efq_bytes + span_bytes <= h->efq_max_bytes)
-        return 0; /* not full: a fresh span keeps the older ones faulted */
-    s = efq_oldest(h, span_bytes >> GH_PAGE_SHIFT);
-    if (s == NULL || efq_map_again(s->start, data, h->efq_pagesize) != GH_OK)
-        return 0;
-    efq_unlink(h, s);
-    base = s->start + data - usable;
-    old = s->base & ~(uintptr_t)(GH_PTR_SIZE - 1);
-    if (old != (base & ~(uintptr_t)(GH_PTR_SIZE - 1)))
-        bitmap_set(h, old, 0, GH_BIT_BOUNDARY);
-    bitmap_set(h, base & ~(uintptr_t)(GH_PTR_SIZE - 1), GH_BIT_ALLOCATED, GH_BIT_BOUNDARY);
-    /* needzero: the pages were not dropped when faulted (see efence_free). */
+/* Lay out an object of usable bytes in span s (a ready span, or a
+ * quarantined one whose data pages, data bytes, were just mapped again) as
+ * efence.py's alloc does for the heap's guard mode, and hand it out. */
+static uintptr_t efence_hand_out(gh_mheap *h, gh_mspan *s, uintptr_t usable, uintptr_t data,
+                                 int zero)
+{
+    uintptr_t base;
+    if (h->efq_guard == GH_EFENCE_GUARD_BEFORE)
+        base = s->start + h->efq_unit;
+    else if (h->efq_guard == GH_EFENCE_GUARD_AFTER)
+        base = s->start + data - usable;
+    else
+        base = s->start;
+    /* needzero: pages from the page heap, or faulted without being dropped. */
     if (zero && s->needzero)
         memset((void *)base, 0, usable);
     s->state = GH_MSPAN_IN_USE;
@@ -905,21 +909,67 @@ static uintptr_t efence_reuse(gh_mheap *h, uintptr_t size, int zero)
     s->elemsize = usable;
     s->limit = base + usable;
     s->ref = 1;
+    bitmap_set(h, base & ~(uintptr_t)(GH_PTR_SIZE - 1), GH_BIT_ALLOCATED, GH_BIT_BOUNDARY);
     h->nlargealloc++;
     h->largealloc += usable;
     count_live(h, usable);
-    h->efence_sampled_c++;
-    h->efence_reused++;
     return base;
+}
+
+/* A ready span for an object of size bytes, handed out; 0 if there is none
+ * of its length (Python makes a batch on its miss). */
+static uintptr_t efence_take_ready(gh_mheap *h, uintptr_t size, int zero)
+{
+    uintptr_t usable, data, k;
+    gh_mspan *s;
+    if (!h->efq_on || h->frozen || !efence_geometry(h, size, &usable, &data))
+        return 0;
+    k = data / h->efq_unit;
+    if (k > GH_EFR_LISTS || (s = h->efr[k - 1]) == NULL)
+        return 0;
+    h->efr[k - 1] = s->next;
+    s->next = NULL;
+    h->efr_nspans--;
+    h->efr_bytes -= s->npages << GH_PAGE_SHIFT;
+    return efence_hand_out(h, s, usable, data, zero);
+}
+
+static uintptr_t efence_reuse(gh_mheap *h, uintptr_t size, int zero)
+{
+    uintptr_t unit = h->efq_unit, usable, data, span_bytes, old;
+    gh_mspan *s;
+
+    if (!h->efq_reuse || !efq_c_ok(h) || !efence_geometry(h, size, &usable, &data))
+        return 0;
+    span_bytes = data + unit;
+    if (h->efq_nspans < h->efq_max_spans && h->efq_bytes + span_bytes <= h->efq_max_bytes)
+        return 0; /* not full: a fresh span keeps the older ones faulted */
+    s = efq_oldest(h, span_bytes >> GH_PAGE_SHIFT);
+    if (s == NULL || efq_map_again(s->start, data, h->efq_pagesize) != GH_OK)
+        return 0;
+    efq_unlink(h, s);
+    old = s->base & ~(uintptr_t)(GH_PTR_SIZE - 1);
+    bitmap_set(h, old, 0, GH_BIT_BOUNDARY); /* the freed object's start is nothing now */
+    h->efence_reused++;
+    return efence_hand_out(h, s, usable, data, zero);
 }
 
 /* The sampled allocation the countdown just drew, served here if it can be
  * (the pending sample is then used up), else 0: the slow path makes it. */
 static inline uintptr_t efence_sample_serve(gh_mheap *h, uintptr_t size, int zero)
 {
-    uintptr_t v = efence_reuse(h, size, zero);
-    if (v != 0)
+    uintptr_t usable, data, v;
+    int full;
+    if (!efence_geometry(h, size, &usable, &data))
+        return 0;
+    /* Full, the quarantine's oldest span or Python (which retires spans);
+     * else a fresh span, so the faulted ones stay faulted. */
+    full = h->efq_nspans >= h->efq_max_spans || h->efq_bytes + data + h->efq_unit > h->efq_max_bytes;
+    v = full ? efence_reuse(h, size, zero) : efence_take_ready(h, size, zero);
+    if (v != 0) {
         h->sample_pending--;
+        h->efence_sampled_c++;
+    }
     return v;
 }
 
@@ -1001,6 +1051,88 @@ int gh_efence_q_unlink(gh_mheap *h, gh_mspan *s)
     return GH_OK;
 }
 
+/* The data units of ready span s, or 0 if s cannot be one. */
+static uintptr_t ready_units(const gh_mheap *h, const gh_mspan *s)
+{
+    uintptr_t unit = h->efq_unit, nbytes = s->npages << GH_PAGE_SHIFT, guard, k;
+    guard = h->efq_guard != GH_EFENCE_GUARD_NONE ? unit : 0;
+    if (unit < GH_PAGE_SIZE || nbytes <= guard || (nbytes - guard) % unit != 0)
+        return 0;
+    k = (nbytes - guard) / unit;
+    return k <= GH_EFR_LISTS ? k : 0;
+}
+
+int gh_efence_ready_put(gh_mheap *h, gh_mspan *s)
+{
+    uintptr_t k;
+    if (h == NULL || s == NULL)
+        return GH_EARG;
+    if (!heap_lock_open(h))
+        return GH_EARG;
+    k = ready_units(h, s);
+    if (k == 0 || s->state != GH_MSPAN_IN_USE || !s->efence || s->ref != 0 || s->sizeclass != 0) {
+        heap_unlock(h);
+        return GH_EARG;
+    }
+    s->next = h->efr[k - 1];
+    h->efr[k - 1] = s;
+    h->efr_nspans++;
+    h->efr_bytes += s->npages << GH_PAGE_SHIFT;
+    heap_unlock(h);
+    return GH_OK;
+}
+
+int gh_efence_ready_take(gh_mheap *h, uintptr_t units, uintptr_t *out)
+{
+    uintptr_t k;
+    gh_mspan *s = NULL;
+    if (h == NULL || out == NULL || units > GH_EFR_LISTS)
+        return GH_EARG;
+    if (!heap_lock_open(h))
+        return GH_EARG;
+    for (k = units ? units : 1; k <= (units ? units : GH_EFR_LISTS) && s == NULL; k++) {
+        s = h->efr[k - 1];
+        if (s != NULL) {
+            h->efr[k - 1] = s->next;
+            s->next = NULL;
+            h->efr_nspans--;
+            h->efr_bytes -= s->npages << GH_PAGE_SHIFT;
+        }
+    }
+    *out = (uintptr_t)s;
+    heap_unlock(h);
+    return GH_OK;
+}
+
+int gh_efence_ready_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
+{
+    uintptr_t i = 0, bytes = 0, k;
+    gh_mspan *s;
+    int st = GH_OK;
+    if (h == NULL || n == NULL || (out == NULL && max != 0))
+        return GH_EARG;
+    if (!heap_lock_open(h))
+        return GH_EARG;
+    for (k = 1; k <= GH_EFR_LISTS && st == GH_OK; k++) {
+        for (s = h->efr[k - 1]; s != NULL; s = s->next) {
+            if (ready_units(h, s) != k || s->state != GH_MSPAN_IN_USE || !s->efence ||
+                s->ref != 0 || s->sizeclass != 0 || i >= h->efr_nspans) {
+                st = GH_ECORRUPT;
+                break;
+            }
+            if (i < max)
+                out[i] = (uintptr_t)s;
+            i++;
+            bytes += s->npages << GH_PAGE_SHIFT;
+        }
+    }
+    if (st == GH_OK && (i != h->efr_nspans || bytes != h->efr_bytes))
+        st = GH_ECORRUPT;
+    *n = i;
+    heap_unlock(h);
+    return st;
+}
+
 int gh_efence_q_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
 {
     gh_mspan *s, *prev = NULL;
@@ -1037,6 +1169,13 @@ static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero, int 
 
     if (h == NULL || h->arena_start == 0)
         return (uintptr_t)-GH_EARG;
+    if (h->efence) { /* efence mode: every object a ready span's, or Python's */
+        if (!heap_lock_open(h))
+            return (uintptr_t)-GH_EARG;
+        v = efence_take_ready(h, size, zero);
+        heap_unlock(h);
+        return v != 0 ? v : (uintptr_t)-GH_MISS;
+    }
     if (size > GH_MAX_SMALL_SIZE)
         return large_alloc(h, size, zero, sample);
     cl = size <= 1024 ? h->size_to_class8[(size + 7) >> 3]

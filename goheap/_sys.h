@@ -69,6 +69,12 @@
 #define GH_LCACHE_LISTS (GH_LCACHE_BINS + 1)
 #define GH_LCACHE_MASK_WORDS ((GH_LCACHE_LISTS + 63) / 64)
 
+/* ---- efence layouts (gh_mheap.efq_guard) and ready spans ------------------ */
+#define GH_EFENCE_GUARD_NONE   0
+#define GH_EFENCE_GUARD_AFTER  1  /* object right-aligned against a faulted unit */
+#define GH_EFENCE_GUARD_BEFORE 2  /* a faulted unit, then the object */
+#define GH_EFR_LISTS 8            /* ready spans for objects of 1..8 efence units */
+
 /* ---- free-span event bits returned by gh_mcache_free -------------------- */
 #define GH_FREED_LARGE        4  /* a large/efence object: Python frees its span */
 
@@ -178,6 +184,16 @@ typedef struct gh_mheap {
     const int32_t *efq_hook;
     int32_t   efq_on, efq_reuse;
     uint64_t  efence_sampled_c, efence_reused;
+    /* Ready efence spans (GWP-ASan's free slots): fresh spans Python made in
+     * a batch, guard already faulted, for objects of k data units on
+     * efr[k - 1], linked through next; C hands them out with no system call
+     * and no Python.  A ready span is IN_USE, marked efence, ref 0, with no
+     * bitmap bits.  efq_guard: the layout (GH_EFENCE_GUARD_*); efq_align:
+     * the usable size's rounding (0: malloc's, 8 or 16, for sampled objects). */
+    gh_mspan *efr[GH_EFR_LISTS];
+    uint64_t  efr_nspans, efr_bytes;
+    uint32_t  efq_align;
+    int32_t   efq_guard;
 } gh_mheap;
 
 
@@ -250,6 +266,13 @@ int gh_efence_q_push(gh_mheap *h, gh_mspan *s);
 int gh_efence_q_oldest(gh_mheap *h, uintptr_t npages, uintptr_t *out);
 int gh_efence_q_unlink(gh_mheap *h, gh_mspan *s);
 int gh_efence_q_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n);
+/* Ready spans: gh_efence_ready_put adds s (IN_USE, efence, ref 0, data of
+ * 1..GH_EFR_LISTS units, else GH_EARG); gh_efence_ready_take: *out = one
+ * span of units data units (0: any), unlisted, or 0; gh_efence_ready_list:
+ * every ready span into out[max], GH_ECORRUPT if lists and totals disagree. */
+int gh_efence_ready_put(gh_mheap *h, gh_mspan *s);
+int gh_efence_ready_take(gh_mheap *h, uintptr_t units, uintptr_t *out);
+int gh_efence_ready_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n);
 
 /* ---- fault reporter (efence diagnosis) ------------------------------------
  * gh_fault_register: h joins the fixed registry the reporter searches

@@ -48,6 +48,20 @@ keep: ``SAMPLE_QUARANTINE_SPANS`` spans and ``sample_quarantine_bytes(arena)``
 bytes, whichever comes first; once it is full, the next sampled object of the
 same page count takes its oldest span (``reuse``, as GWP-ASan reuses a freed
 slot): its data pages mapped again, its guard left faulted, no page-heap work.
+
+C's part (the steady state makes no Python call).  The quarantine's books
+are C's (gh_mheap.efq_*: one FIFO list of the FAULTED spans, its totals, the
+bounds Python sets), so free of an efence object faults and lists it in C
+while the quarantine has room, and C takes the oldest span back for a
+sampled malloc once it is full (a sampled pair: three system calls).  Fresh
+spans come from the page heap, which is Python's, so a miss makes a batch
+of ``READY_BATCH`` *ready* spans of the length asked for (guards faulted,
+data pages untouched) that C hands out without a system call, to every
+malloc of an efence heap and to sampled ones (GWP-ASan's free slots).
+Python still decides everything else: retiring spans past a bound, growth,
+``scavenge`` (ready spans go back to the page heap), ``check``.  While the
+OS layer injects failures or traces calls (``SysMemory.c_hooked``) C makes
+no efence system call, so each one is seen there.
 A sample that cannot be had (the kernel's
 mappings or the arena ran out) is lost and the normal path serves the
 allocation, as GWP-ASan does when its pool is full.
@@ -67,11 +81,12 @@ span 0x<start>+2 pages`` (kinds: overrun, underrun, use-after-free, guard,
 wild access; the format is in _sys.c).  ``fault_address(text)`` reads the
 address back, so a parent can ask ``Heap.explain`` what its child touched.
 
-Invariants (``check``): every FAULTED span is in ``faulted`` and the bytes
-agree; the quarantine holds at most ``quarantine`` bytes (unless the OS refused
-a delete); every efence span is whole units at a unit boundary; a faulted span's
-object start is *boundary* in the bitmap, never *allocated*; every guard belongs
-to a live span and lies inside it.  The caller of every method holds the heap lock.
+Invariants (``check``): every FAULTED span is on C's quarantine list (links,
+states and totals checked in C memory) and the bytes agree with the arena; the
+quarantine holds at most ``quarantine`` bytes (unless the OS refused a delete);
+every efence span is whole units at a unit boundary and marked efence; a
+faulted span's object start is *boundary* in the bitmap, never *allocated*;
+every live object stays clear of its guard; every ready span is on its list.  The caller of every method holds the heap lock.
 """
 
 from __future__ import annotations
@@ -200,6 +215,8 @@ class EFence:
         if hook is not None:
             c.efq_hook = hook
         c.efq_reuse = int(reuse and guard == "after")
+        c.efq_guard = _GUARD_CODES[guard]
+        c.efq_align = 0 if reuse else align  # sampled objects: malloc's alignment
         c.efq_on = int(hook is not None)  # an OS layer C cannot see past: Python does it all
 
     # ---- the books (C's) ----------------------------------------------------------
@@ -230,6 +247,80 @@ class EFence:
         if self.guard == "before":
             return s.start, self.unit
         return None
+
+    # ---- ready spans (C hands them out) -----------------------------------------
+
+    def refill(self, units: int) -> None:
+        """Make READY_BATCH fresh spans for objects of ``units`` data units,
+        guards faulted, and give them to C, which hands them out with no
+        system call (GWP-ASan's free slots).  Advice: if the arena or the OS
+        says no, fewer or none are made and the next miss tries again."""
+        h, unit = self.h, self.unit
+        c = h.c
+        if not c.efq_on or not 1 <= units <= _native.EFR_LISTS or c.frozen:
+            return
+        ready = _native.efence_ready_take(c, units)
+        if ready:  # not empty (malloc(align=) comes here past them): nothing to make
+            _native.efence_ready_put(c, MSpan(ready)._c)
+            return
+        span_bytes = units * unit + (unit if self.guard != "none" else 0)
+        npages = span_bytes >> PAGE_SHIFT
+        try:
+            s = h.alloc_span_aligned_locked(npages * READY_BATCH, unit)
+        except (OSError, MemoryError):
+            return
+        heads: list[MSpan] = []
+        try:
+            for _ in range(READY_BATCH - 1):
+                heads.append(h._split_head(s, npages))
+        except (OSError, MemoryError):
+            for t in [*heads, s]:
+                h.free_span_locked(t)  # plain Ready memory, as it came
+            return
+        # Listed highest address first, so C hands them out lowest first.
+        batch = [s, *reversed(heads)]
+        for i, t in enumerate(batch):
+            g = self.guard_of(t)
+            try:
+                if g is not None:
+                    h.mem.sys_fault(*g)
+            except (OSError, MemoryError):
+                for rest in batch[i:]:
+                    h.free_span_locked(rest)  # plain Ready memory, as it came
+                return
+            t.base = t.limit = t.start
+            t.elemsize = 0
+            t.ref = 0
+            t._c.efence = 1
+            _native.efence_ready_put(c, t._c)
+
+    def flush_ready(self) -> None:
+        """Give every ready span back to the page heap (scavenge): guard
+        mapped again, unmarked.  Stops, leaving the rest ready, if the OS
+        refuses to map a guard again."""
+        h = self.h
+        while True:
+            addr = _native.efence_ready_take(h.c, 0)
+            if not addr:
+                return
+            s = MSpan(addr)
+            g = self.guard_of(s)
+            try:
+                if g is not None:
+                    h.mem.sys_map(g[0], g[1], None)
+            except (OSError, MemoryError):
+                _native.efence_ready_put(h.c, s._c)
+                return
+            s._c.efence = 0
+            s.elemsize, s.base, s.limit = s.nbytes, s.start, s.end
+            s.needzero = True
+            h.free_span_locked(s)
+
+    def ready_spans(self) -> set[int]:
+        found = _native.efence_ready_list(self.h.c)
+        if found is None:
+            raise HeapCorruption("efence: the ready spans' lists or totals are broken")
+        return set(found)
 
     # ---- alloc ------------------------------------------------------------------
 
@@ -282,6 +373,8 @@ class EFence:
         s.ref = 1
         s._c.efence = 1
         _native.bitmap_set(h.c, word(base), _native.BIT_ALLOCATED, _native.BIT_BOUNDARY)
+        if usable <= _native.EFR_LISTS * unit:
+            self.refill(data // unit)  # C's next objects of this length
         return base, usable
 
     def quarantine_full(self, span_bytes: int) -> bool:
@@ -490,6 +583,16 @@ class EFence:
 
 
 _UNBOUNDED = (1 << 64) - 1  # C's "no bound"
+_GUARD_CODES = {
+    "none": _native.EFENCE_GUARD_NONE,
+    "after": _native.EFENCE_GUARD_AFTER,
+    "before": _native.EFENCE_GUARD_BEFORE,
+}
+# Ready spans made per miss: one Python slow path (the page heap, the spans
+# table) per READY_BATCH efence objects of a length; their pages are address
+# space until used (a batch of 1-unit spans with guards: 16 x 16 KiB at 4 KiB
+# pages).
+READY_BATCH = 16
 
 
 def _position(addr: int, base: int, size: int) -> str:

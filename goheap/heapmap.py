@@ -86,6 +86,8 @@ def span_kind(s: SpanRow, efence: bool) -> str:
         return "faulted"
     if cl:
         return "small"
+    if not _ref and efence:  # a ready efence span (efence.py): idle until C hands it out
+        return "free"
     return "efence" if efence else "large"
 
 

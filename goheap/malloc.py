@@ -786,6 +786,7 @@ class Heap:
         nlargealloc, nlargefree = int(c.nlargealloc), int(c.nlargefree)
         largealloc, largefree = int(c.largealloc), int(c.largefree)
         cached = int(c.lcache_bytes)  # freed large spans C keeps whole: idle, not in use
+        cached += int(c.efr_bytes)  # ready efence spans (efence.py): idle until handed out
         heap_alloc = small_alloc + largealloc - largefree
         # Read after the counts: the peak only grows between resets, which
         # take the lock this caller holds, so it is never below heap_alloc.
@@ -839,6 +840,9 @@ class Heap:
             self._mcache.release_all()
             self._reclaim()
             self._h.flush_lcache_locked()
+            ef = self._efence or self._sampler
+            if ef is not None:
+                ef.flush_ready()  # their pages, Ready, would stay resident
             released = self._h.scavenge_locked(math.inf, 0.0)
             self._h.spanalloc.compact()
             return released
@@ -922,8 +926,12 @@ class Heap:
         if in_lcache is None:
             raise HeapCorruption("the large cache's lists, mask or totals are broken")
         lcached = set(in_lcache)
+        ef = self._efence or self._sampler
+        ready = ef.ready_spans() if ef is not None else set()
         for s in h.walk():
-            if s.state == SpanState.IN_USE and s.sizeclass:
+            if s.addr in ready:  # an efence span C will hand out (efence.py)
+                ready.discard(s.addr)
+            elif s.state == SpanState.IN_USE and s.sizeclass:
                 if s.addr not in small_spans:
                     raise HeapCorruption(f"small span {s!r} is neither cached nor in its mcentral")
                 free_starts += s.nelems - s.ref + (s.limit < s.end)
@@ -949,6 +957,8 @@ class Heap:
             raise HeapCorruption(
                 f"the large cache holds {len(lcached)} spans the arena walk did not find"
             )
+        if ready:
+            raise HeapCorruption(f"{len(ready)} ready efence spans are not in the arena")
         nm, nf = _native.mcache_counts(self._c)
         for cl in range(1, NUM_SIZE_CLASSES):
             if nm[cl] - nf[cl] != live_small[cl]:

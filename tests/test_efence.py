@@ -110,10 +110,20 @@ def assert_kernel_agrees(h):
     ef = h._efence
     ps = h.os_page_size
     nfaulted = 0
+    ready = ef.ready_spans()
     for s in spans(h):
         if s.state == SpanState.FAULTED:
             nfaulted += 1
             assert snap.perms(s.start, s.nbytes) == {"---p"}, s
+        elif s.addr in ready:  # a fresh span C will hand out: guard faulted, data ours
+            g = ef.guard_of(s)
+            if g is None:
+                lo, hi = s.start, s.end
+            else:
+                lo, hi = (s.start, g[0]) if g[0] > s.start else (g[0] + g[1], s.end)
+            assert snap.perms(lo, hi - lo) == {"rw-p"}, s
+            if g is not None:
+                assert snap.perms(*g) == {"---p"}, (s, g)
         elif s.state == SpanState.IN_USE:
             assert snap.perms(s.base, s.elemsize) == {"rw-p"}, s
             g = ef.guard_of(s) if s.sizeclass == 0 else None
@@ -132,7 +142,10 @@ def assert_books(h, mallocs, frees, live_bytes=None):
     assert st.efence_faulted == sum(s.nbytes for s in spans(h) if s.state == SpanState.FAULTED)
     if live_bytes is not None:
         assert st.heap_alloc == live_bytes
-    assert st.heap_inuse == sum(s.nbytes for s in spans(h) if s.state != SpanState.FREE)
+    ready = h._efence.ready_spans()  # idle: fresh spans C has not handed out yet
+    assert st.heap_inuse == sum(
+        s.nbytes for s in spans(h) if s.state != SpanState.FREE and s.addr not in ready
+    )
     return st
 
 
@@ -485,6 +498,7 @@ def test_efence_malloc_that_cannot_guard_leaves_nothing_behind(page):
     m = mem.SysMemory(page_size=page)
     with goheap.Heap(arena_size=GiB, efence=True, guard=True, sysmem=m) as h:
         keep = h.malloc(10)
+        h.scavenge()  # no ready spans left (efence.py): the next malloc's guard is Python's
         before = h.stats()
         m.inject("fault", nth=1)
         with pytest.raises(goheap.OutOfMemory, match="cannot fault the guard page"):
@@ -600,6 +614,7 @@ unit = max(8192, {REAL_PAGE})
 h = heap({REAL_PAGE}, arena_size=(({limit} + 4000) * unit // (1 << 30) + 2) << 30)
 g = heap({REAL_PAGE}, arena_size=1 << 30, guard=True)
 g.free(g.malloc(1))
+g.scavenge()  # no ready spans (efence.py): g's next malloc faults a fresh guard
 ps = [h.malloc(8) for _ in range({limit} + 4000)]
 free_err = malloc_err = None
 freed = 0
@@ -786,3 +801,55 @@ def test_efence_cost_against_normal_mode():
     # C fast path pays none.
     assert c["efence"] > c["normal"] and c["efence_quarantine"] > c["normal"]
     assert c["ratio_efence"] == c["efence"] / c["normal"]
+
+
+# ---- ready spans: C hands out fresh efence spans Python made in a batch -----------------------
+
+
+@pytest.mark.parametrize("guard", ["none", "after", "before"])
+def test_efence_ready_spans_are_handed_out_by_c(guard):
+    import sys
+
+    from goheap import efence as efence_mod
+
+    with goheap.Heap(arena_size=256 * MiB, efence=True, guard=guard) as h:
+        ef = h._efence
+        p = h.malloc(100)  # Python's: a fresh span, and a batch of ready ones of its length
+        assert len(ef.ready_spans()) == efence_mod.READY_BATCH
+        h.check()
+        calls = dict(h._h.mem.calls)
+        called = []
+
+        def profile(frame, event, arg):
+            if event == "call" and "goheap" in frame.f_code.co_filename:
+                called.append(frame.f_code.co_name)
+
+        sys.setprofile(profile)
+        try:
+            ptrs = [h.malloc(n) for n in (1, 100, 4000, 8)[: efence_mod.READY_BATCH]]
+            for q in ptrs[:2]:
+                h.free(q)
+        finally:
+            sys.setprofile(None)
+        assert called == [] and h._h.mem.calls == calls  # no Python, no call the OS layer saw
+        assert len(ef.ready_spans()) == efence_mod.READY_BATCH - 4
+        assert_kernel_agrees(h)
+        for q in ptrs[2:]:
+            u = h.usable_size(q)
+            assert bytes(h.view(q)) == bytes(u)
+            s = h._h.lookup(q)
+            g = ef.guard_of(s)
+            if guard == "after":
+                assert q + u == g[0]
+            elif guard == "before":
+                assert q == g[0] + g[1]
+        st = h.stats()
+        assert st.heap_objects == 3 and st.efence_faulted == 2 * h._h.lookup(p).nbytes
+        h.check()
+        h.scavenge()  # ready spans go back to the page heap, guards mapped again
+        assert ef.ready_spans() == set() and int(h._c.efr_bytes) == 0
+        assert_kernel_agrees(h)
+        h.check()
+        for q in [p, *ptrs[2:]]:
+            h.free(q)
+        h.check()

@@ -67,8 +67,10 @@ class Maps:
 
 
 def sampled_objects(h, ptrs):
-    maps = Maps()
-    return [p for p in ptrs if maps.guarded(p, h.usable_size(p))]
+    # Past arena_used the arena is a PROT_NONE reservation: an object ending
+    # there is not guarded by a guard of its own.
+    maps, used = Maps(), h._h.arena_used
+    return [p for p in ptrs if p + h.usable_size(p) < used and maps.guarded(p, h.usable_size(p))]
 
 
 # ---- every allocation, with N = 1 -------------------------------------------------------------
