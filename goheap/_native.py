@@ -128,6 +128,16 @@ def install_fault_reporter() -> None:
     ensure(lib.gh_fault_reporter_install(), "fault_reporter_install")
 
 
+def fault_reporter_set_fd(fd: int) -> None:
+    """Send the reporter's lines to descriptor fd (ValueError if it is not open)."""
+    if lib.gh_fault_reporter_set_fd(fd) != OK:
+        raise ValueError(f"fault reporter: {fd} is not an open file descriptor")
+
+
+def fault_reporter_fd() -> int:
+    return int(lib.gh_fault_reporter_fd())
+
+
 def fault_reporter_installed() -> bool:
     """Whether the reporter is SIGSEGV's and SIGBUS's handler right now."""
     return bool(lib.gh_fault_reporter_installed())

@@ -2014,6 +2014,7 @@ int gh_mcache_counts(gh_mheap *h, uint64_t *nmalloc, uint64_t *nfree)
  * then dies of the nested fault, without the line.
  * ------------------------------------------------------------------------ */
 
+#include <fcntl.h>
 #include <signal.h>
 
 typedef struct {
@@ -2155,6 +2156,12 @@ static void fault_die(int sig)
 
 static void fault_report(int sig, siginfo_t *si, void *ctx);
 
+/* Where the line goes: stderr unless Python gave another descriptor (the
+ * pytest plugin gives a copy of the real stderr, since during a test pytest
+ * points fd 2 at a capture file that dies with the process).  Read once per
+ * report; an int store is atomic, so no lock is needed. */
+static int fault_fd = 2;
+
 /* Pass sig on to the handler fault_report replaced (see the section note). */
 static void fault_chain(int sig, siginfo_t *si, void *ctx, int real)
 {
@@ -2194,7 +2201,8 @@ static void fault_report(int sig, siginfo_t *si, void *ctx)
         if (found && __atomic_exchange_n(&fault_last, a, __ATOMIC_SEQ_CST) != a) {
             size_t off = 0;
             while (off < l.n) {
-                ssize_t w = write(2, l.b + off, l.n - off);
+                ssize_t w = write(__atomic_load_n(&fault_fd, __ATOMIC_RELAXED), l.b + off,
+                                  l.n - off);
                 if (w > 0)
                     off += (size_t)w;
                 else if (w < 0 && errno == EINTR)
@@ -2243,6 +2251,22 @@ int gh_fault_reporter_install(void)
 {
     int st = fault_install_one(SIGSEGV, &fault_prev[0]);
     return st != GH_OK ? st : fault_install_one(SIGBUS, &fault_prev[1]);
+}
+
+/* Send the reporter's lines to fd from now on.  GH_EARG unless fd is an open
+ * descriptor: a line written nowhere would be lost exactly when it matters. */
+int gh_fault_reporter_set_fd(int fd)
+{
+    if (fd < 0 || fcntl(fd, F_GETFD) == -1)
+        return GH_EARG;
+    __atomic_store_n(&fault_fd, fd, __ATOMIC_RELAXED);
+    return GH_OK;
+}
+
+/* The descriptor the reporter writes to. */
+int gh_fault_reporter_fd(void)
+{
+    return __atomic_load_n(&fault_fd, __ATOMIC_RELAXED);
 }
 
 /* 1 if the reporter is SIGSEGV's and SIGBUS's handler now (another

@@ -285,6 +285,8 @@ int gh_efence_ready_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *
 int gh_fault_register(gh_mheap *h);
 int gh_fault_reporter_install(void);
 int gh_fault_reporter_installed(void);  /* 1 while it is SIGSEGV's and SIGBUS's handler */
+int gh_fault_reporter_set_fd(int fd);  /* where the line goes (default 2); GH_EARG if not open */
+int gh_fault_reporter_fd(void);
 
 #endif
 

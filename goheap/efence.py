@@ -92,6 +92,7 @@ every live object stays clear of its guard; every ready span is on its list.  Th
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from goheap import _native
 from goheap.errors import HeapCorruption, OutOfMemory
@@ -633,22 +634,44 @@ def max_map_count() -> int | None:
 # ---- fault reports ----------------------------------------------------------------------
 
 
-def install_fault_reporter() -> None:
+# The file object the reporter writes to, when one was given: kept alive so
+# its descriptor stays open (faulthandler keeps its file the same way).
+_report_file: Any = None
+
+
+def install_fault_reporter(file: Any = None) -> None:
     """Install goheap's C fault reporter for SIGSEGV and SIGBUS (public as
     ``goheap.install_fault_reporter``).  A fault in a goheap heap's arena --
-    an efence overrun, underrun or use-after-free -- writes one line to
-    stderr, ``goheap: <kind> at 0x<addr>: <n> bytes past|before|into object
+    an efence overrun, underrun or use-after-free -- writes one line,
+    ``goheap: <kind> at 0x<addr>: <n> bytes past|before|into object
     0x<base> (<size> bytes), span 0x<start>+<npages> pages``; then, and for
     any fault that is not goheap's (no line), the handler that was there
     before runs: faulthandler's Python stack, a sanitizer's report, or the
     default action, so the process dies of the signal as it would have.
+
+    ``file``: where the line goes, a file object with a ``fileno()`` or a
+    descriptor, as ``faulthandler.enable(file=...)`` takes it; the reporter
+    keeps it open.  ``None`` keeps the current destination, which starts as
+    descriptor 2 (stderr); so a heap that installs the reporter itself never
+    undoes a destination chosen earlier.  A closed or invalid descriptor is a
+    ValueError and changes nothing.
 
     Idempotent: if the reporter is the current handler nothing changes (it
     never chains to itself).  If another handler took over since (e.g.
     ``faulthandler.enable()`` after it), calling it again installs it on top,
     which is how to get goheap's line before faulthandler's stack: enable
     faulthandler first, then this."""
+    global _report_file
+    if file is not None:
+        fd = file if isinstance(file, int) else file.fileno()
+        _native.fault_reporter_set_fd(fd)
+        _report_file = file
     _native.install_fault_reporter()
+
+
+def fault_reporter_fd() -> int:
+    """The descriptor the reporter's line goes to."""
+    return _native.fault_reporter_fd()
 
 
 def fault_reporter_installed() -> bool:

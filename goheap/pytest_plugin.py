@@ -71,7 +71,6 @@ EFENCE_ALIGN = 8
 # comes from such swings): two reset_peak() calls, about 2 us, where a
 # stats() per test cost 0.35 ms, 10% of test_numeric's CPU time.
 SCAVENGE_ABOVE = 64 << 20
-_CAPTURE_SWITCHED = pytest.StashKey[bool]()
 _MODE = re.compile(r"(normal|efence|off)|sample:(\d+)")
 
 
@@ -144,28 +143,6 @@ def _mode_text(config: pytest.Config, opt: str | None) -> tuple[str, str]:
     return str(config.getini(INI) or ""), f"ini option {INI!r}"
 
 
-# Old-style hookwrapper (not wrapper=True): pytest 7.0-7.3, Debian bookworm's
-# 7.2 among them, know only this one.
-@pytest.hookimpl(hookwrapper=True, tryfirst=True)
-def pytest_load_initial_conftests(early_config: pytest.Config) -> Any:
-    # goheap's fault reporter writes its line with write(2, ...) from the
-    # signal handler, and during a test pytest's fd capture has pointed fd 2
-    # at a temporary file that dies with the process: the line would be lost
-    # (faulthandler writes to a copy of the real stderr made at configure and
-    # survives).  So in the modes that can fault, fd capture becomes sys
-    # capture: Python's output is still captured, C's goes to the terminal.
-    # tryfirst: this runs before _pytest/capture.py makes its CaptureManager.
-    ns = early_config.known_args_namespace
-    try:
-        mode = parse_mode(_mode_text(early_config, ns.goheap)[0])
-    except ValueError:
-        mode = None  # pytest_configure reports it
-    if mode is not None and mode.name != "normal" and ns.capture == "fd":
-        ns.capture = "sys"
-        early_config.stash[_CAPTURE_SWITCHED] = True
-    yield
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
     # trylast: after _pytest/faulthandler.py's pytest_configure enabled
@@ -177,7 +154,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"goheap: {e} (from {source})") from None
     if mode is None:
         return
-    session = GoheapSession(mode, config.stash.get(_CAPTURE_SWITCHED, False))
+    session = GoheapSession(mode)
     config.pluginmanager.register(session, "goheap-session")
 
 
@@ -193,7 +170,7 @@ class GoheapSession:
     """The heap of one test session and the handler installed on it
     (registered as a plugin only when a mode is on)."""
 
-    def __init__(self, mode: Mode, capture_switched: bool = False) -> None:
+    def __init__(self, mode: Mode) -> None:
         try:
             import numpy  # noqa: F401  (NumPy stays an optional dependency of goheap)
         except ImportError:
@@ -204,10 +181,15 @@ class GoheapSession:
         import goheap
 
         self.mode = mode
-        self.capture_switched = capture_switched
         self.heap = goheap.Heap(**mode.heap_options())
         try:
-            goheap.install_fault_reporter()
+            # The reporter writes with write(2) from the signal handler, and
+            # during a test pytest's fd capture points fd 2 at a temporary
+            # file that dies with the process.  Here, at configure, capture is
+            # suspended and fd 2 is the real stderr: the reporter gets a copy
+            # of it, as faulthandler does (so fd capture stays on).
+            self._report_fd = os.dup(2)
+            goheap.install_fault_reporter(file=self._report_fd)
             self._allocator = goheap.numpy_allocator(self.heap)
             self._allocator.__enter__()
         except BaseException:
@@ -268,13 +250,7 @@ class GoheapSession:
             self.workers.append(counts)
 
     def pytest_report_header(self) -> list[str]:
-        lines = [f"goheap: NumPy array data on a goheap heap (--goheap={self.mode})"]
-        if self.capture_switched:
-            lines.append(
-                "goheap: --capture=sys instead of fd, so a fault's goheap line reaches "
-                "the terminal (C code's own output is not captured)"
-            )
-        return lines
+        return [f"goheap: NumPy array data on a goheap heap (--goheap={self.mode})"]
 
     @pytest.hookimpl(trylast=True)
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
@@ -290,3 +266,7 @@ class GoheapSession:
             # Arrays made during the session may live on (module globals,
             # caches): close() unmaps nothing they can still reach.
             self.heap.close()
+            import goheap
+
+            goheap.install_fault_reporter(file=2)  # before its copy is closed
+            os.close(self._report_fd)

@@ -369,3 +369,37 @@ def test_fault_reporter_state_in_process():
     assert _native.fault_reporter_installed()
     goheap.install_fault_reporter()
     assert _native.fault_reporter_installed()
+
+
+def test_fault_report_goes_to_the_file_it_was_given(tmp_path):
+    # pytest's fd capture points fd 2 at a file that dies with the process:
+    # the plugin hands the reporter a copy of the real stderr instead.
+    out = tmp_path / "report"
+    proc = crash(f"""
+h = heap(4096, efence=True, guard=True, align=1)
+f = open({str(out)!r}, "w")
+goheap.install_fault_reporter(file=f)
+p = h.malloc(13)
+show(h, p)
+ctypes.memset(p + 13, 1, 1)
+""")
+    assert died_of_fault(proc), proc
+    assert not any(ln.startswith("goheap:") for ln in proc.stderr.splitlines()), proc.stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 and LINE.match(lines[0]), lines
+    p = shown(proc)[0]
+    assert fault_kind(lines[0]) == "overrun" and fault_address(lines[0]) == p + 13
+
+
+def test_fault_report_refuses_a_closed_descriptor():
+    import os
+
+    import goheap
+
+    before = goheap.efence.fault_reporter_fd()
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    with pytest.raises(ValueError, match="not an open file descriptor"):
+        goheap.install_fault_reporter(file=w)
+    assert goheap.efence.fault_reporter_fd() == before  # nothing changed

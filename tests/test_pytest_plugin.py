@@ -184,10 +184,9 @@ def run_on_heap(pytester, *args):
     assert result.ret == 0
     result.stdout.fnmatch_lines([f"after the session: {4.0 * MiB}"])
     summary = summary_of(result)
-    # The modes that can fault trade fd capture for sys capture (the
-    # reporter's line would die in fd capture's temporary file); normal keeps it.
-    switched = any(ln.startswith("goheap: --capture=sys instead of fd") for ln in result.outlines)
-    assert switched == (summary[0] != "normal"), result.stdout.str()
+    # Every mode keeps pytest's fd capture: the fault reporter writes to its
+    # own copy of the real stderr (the crash tests below see its line).
+    result.stdout.fnmatch_lines(["goheap: NumPy array data on a goheap heap (--goheap=*)"])
     return summary
 
 
