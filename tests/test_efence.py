@@ -23,6 +23,7 @@ import time
 
 import pytest
 from osview import died_of_fault, heap_resident, mappings, run_child
+from pycalls import goheap_python_calls
 
 import goheap
 from goheap import _native, mem
@@ -808,8 +809,6 @@ def test_efence_cost_against_normal_mode():
 
 @pytest.mark.parametrize("guard", ["none", "after", "before"])
 def test_efence_ready_spans_are_handed_out_by_c(guard):
-    import sys
-
     from goheap import efence as efence_mod
 
     with goheap.Heap(arena_size=256 * MiB, efence=True, guard=guard) as h:
@@ -818,19 +817,10 @@ def test_efence_ready_spans_are_handed_out_by_c(guard):
         assert len(ef.ready_spans()) == efence_mod.READY_BATCH
         h.check()
         calls = dict(h._h.mem.calls)
-        called = []
-
-        def profile(frame, event, arg):
-            if event == "call" and "goheap" in frame.f_code.co_filename:
-                called.append(frame.f_code.co_name)
-
-        sys.setprofile(profile)
-        try:
+        with goheap_python_calls() as called:
             ptrs = [h.malloc(n) for n in (1, 100, 4000, 8)[: efence_mod.READY_BATCH]]
             for q in ptrs[:2]:
                 h.free(q)
-        finally:
-            sys.setprofile(None)
         assert called == [] and h._h.mem.calls == calls  # no Python, no call the OS layer saw
         assert len(ef.ready_spans()) == efence_mod.READY_BATCH - 4
         assert_kernel_agrees(h)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import sys
 import threading
 
 import pytest
 from osview import died_of_fault, mappings, run_child
+from pycalls import goheap_python_calls
 
 import goheap
 from goheap import _native, efence, mem
@@ -444,20 +444,11 @@ def test_efence_sample_steady_state_makes_no_python_call_and_no_python_syscall()
         calls = dict(h._h.mem.calls)
         reused = h._sampler.reused
         sampled = h.stats().efence_sampled
-        called = []
-
-        def profile(frame, event, arg):
-            if event == "call" and "goheap" in frame.f_code.co_filename:
-                called.append(frame.f_code.co_name)
-
         m, f = h.malloc, h.free
-        sys.setprofile(profile)
-        try:
+        with goheap_python_calls() as called:
             for _ in range(50):
                 f(m(64))
             p = m(40)
-        finally:
-            sys.setprofile(None)
         assert called == []
         assert h._h.mem.calls == calls
         assert h._sampler.reused == reused + 51

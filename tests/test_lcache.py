@@ -12,13 +12,12 @@ from a longer span, so distinct sizes keep reusing the same memory.
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 
 import pytest
 from osview import resident
+from pycalls import goheap_python_calls
 
 import goheap
 from goheap import PAGE_SIZE, _native
@@ -33,24 +32,11 @@ def h():
         yield heap
 
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(goheap.__file__)) + os.sep
-
-
-def goheap_python_calls(fn) -> int:
+def goheap_python_calls_in(fn) -> int:
     """How many Python functions of the goheap package run during fn()."""
-    calls = 0
-
-    def prof(frame, event, arg):
-        nonlocal calls
-        if event == "call" and frame.f_code.co_filename.startswith(PACKAGE_DIR):
-            calls += 1
-
-    sys.setprofile(prof)
-    try:
+    with goheap_python_calls() as called:
         fn()
-    finally:
-        sys.setprofile(None)
-    return calls
+    return len(called)
 
 
 @pytest.mark.parametrize("n", LARGE_SIZES, ids=lambda n: f"{n // KiB}k")
@@ -65,7 +51,7 @@ def test_a_large_round_trip_stays_in_c_and_reuses_the_span(h, n):
             h.free(q)
             h.free(h.malloc(n, zero=False))
 
-    assert goheap_python_calls(loop) == 0
+    assert goheap_python_calls_in(loop) == 0
     st = h.stats()
     assert st.mallocs == st.frees == 401
     assert st.heap_alloc == 0 and st.heap_objects == 0
@@ -288,7 +274,7 @@ def test_distinct_sizes_are_cut_from_the_memory_the_last_free_gave_back(h):
             got.append(q)
             h.free(q)
 
-    assert goheap_python_calls(cycle) == 0
+    assert goheap_python_calls_in(cycle) == 0
     assert got == [p] * len(npages)  # cut from the front of the same span, every time
     for n in npages:
         q = h.malloc(n * PAGE_SIZE - 100, zero=False)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import ctypes
-import os
 
 import pytest
+from pycalls import goheap_python_calls
 
 import goheap
 from goheap import _native
@@ -97,23 +97,12 @@ def test_realloc_large_in_place_while_its_span_holds_the_size(heap):
 def test_realloc_in_place_is_served_in_c(heap):
     """The in-place cases never enter Python: the builtin realloc asks C, which
     decides as Heap.realloc documents; a move goes to the Python method."""
-    import sys
 
-    pkg = os.path.dirname(os.path.abspath(goheap.__file__)) + os.sep
     small, large = heap.malloc(100), heap.malloc(100_000)
-    calls = []
-
-    def prof(frame, event, arg):
-        if event == "call" and frame.f_code.co_filename.startswith(pkg):
-            calls.append(frame.f_code.co_name)
-
-    sys.setprofile(prof)
-    try:
+    with goheap_python_calls() as calls:
         for _ in range(100):
             assert heap.realloc(small, 97) == small  # the same 112-byte class
             assert heap.realloc(large, 70_000) == large  # 9 of its 13 pages
-    finally:
-        sys.setprofile(None)
     assert calls == []
     moved = heap.realloc(small, 200)  # another class: Python moves it
     assert moved != small and heap.usable_size(moved) == 208
