@@ -22,6 +22,8 @@ from goheap import _native, efence, mem
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 REAL_PAGE = _native.os_page_size()
+# efence places objects in units of a heap page or an OS page, the larger.
+EFENCE_UNIT = max(REAL_PAGE, 8 * KiB)
 PAGE_SIZES = sorted(
     {REAL_PAGE, 16 * KiB, 64 * KiB} - {p for p in (16 * KiB, 64 * KiB) if p < REAL_PAGE}
 )
@@ -306,7 +308,11 @@ def test_efence_sample_quarantine_bounded_by_default():
     # size: the spans in use stop growing at the bound, and each is faulted
     # whole until it is handed out again.
     with new_heap(efence_sample=1) as h:
-        bound = efence.SAMPLE_QUARANTINE_SPANS
+        # The span bound, or the byte bound where spans are big (64 KiB pages).
+        span_bytes = 2 * EFENCE_UNIT
+        bound = min(
+            efence.SAMPLE_QUARANTINE_SPANS, efence.sample_quarantine_bytes(4 * GiB) // span_bytes
+        )
         spans = set()
         for _ in range(bound + 40):
             p = h.malloc(64)
@@ -328,7 +334,8 @@ def test_efence_sample_reused_span_is_live_again():
         h.free(p)  # quarantine=0: nothing is kept, the span goes back to the page heap
         q = h.malloc(100)
         h.free(q)
-    with new_heap(efence_sample=1, quarantine=16 * KiB) as h:
+    # A small sampled object's span: one efence unit of data, one of guard.
+    with new_heap(efence_sample=1, quarantine=2 * EFENCE_UNIT) as h:
         p = h.malloc(100)
         h.free(p)
         with pytest.raises(goheap.DoubleFree):
@@ -346,11 +353,18 @@ def test_efence_sample_reused_span_is_live_again():
 def test_efence_sample_quarantine_in_bytes():
     # Sizes of different page counts: a full quarantine that holds none of the
     # size asked for retires its oldest spans instead.
-    with new_heap(efence_sample=1, quarantine=56 * KiB) as h:
+    # Room for either size's span (data units plus a guard unit), not both:
+    # 56 KiB at 4 KiB pages.
+    # The big size spans more data units than the small one at every page size.
+    big = max(40_000, 2 * EFENCE_UNIT + 1)
+    small = 2 * EFENCE_UNIT
+    large = -(-big // EFENCE_UNIT) * EFENCE_UNIT + EFENCE_UNIT
+    bound = small + large - EFENCE_UNIT
+    with new_heap(efence_sample=1, quarantine=bound) as h:
         for i in range(50):
-            h.free(h.malloc(40_000 if i % 2 else 100))
+            h.free(h.malloc(big if i % 2 else 100))
         st = h.stats()
-        assert 0 < st.efence_faulted <= 56 * KiB and st.efence_deleted > 0
+        assert 0 < st.efence_faulted <= bound and st.efence_deleted > 0
         h.check()
 
 

@@ -376,7 +376,7 @@ def test_fault_report_goes_to_the_file_it_was_given(tmp_path):
     # the plugin hands the reporter a copy of the real stderr instead.
     out = tmp_path / "report"
     proc = crash(f"""
-h = heap(4096, efence=True, guard=True, align=1)
+h = heap({REAL_PAGE}, efence=True, guard=True, align=1)
 f = open({str(out)!r}, "w")
 goheap.install_fault_reporter(file=f)
 p = h.malloc(13)

@@ -389,8 +389,10 @@ def readme_example():
 
 
 def masked(line):
-    """A line with what changes from run to run (addresses, folders, times) masked."""
+    """A line with what changes from run to run (addresses, folders, times, and
+    the span's page count, which follows the OS page) masked."""
     line = re.sub(r"0x[0-9a-f]+", "0x?", line)
+    line = re.sub(r"\+\d+ pages?", "+? pages", line)
     line = re.sub(r'File "[^"]*/([^/"]+)"', r'File "\1"', line)
     return re.sub(r"in [0-9.]+s", "in ?s", line)
 
