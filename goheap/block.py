@@ -147,10 +147,19 @@ def new_block(heap: Any, size: int, zero: bool = True, align: int | None = None)
     """``Heap.alloc``'s body: malloc ``size`` bytes (zeroed unless ``zero`` is
     False, aligned as ``malloc`` aligns) and wrap them."""
     owner = heap._owner()  # first: a close() after the malloc cannot unmap under us
-    v = heap.malloc(size, zero) if align is None else heap.malloc(size, zero, align=align)
+    try:
+        v = heap.malloc(size, zero) if align is None else heap.malloc(size, zero, align=align)
+    except BaseException:
+        # The exception's traceback holds this frame, and the caller may keep
+        # it (a log record, pytest's excinfo, sys.last_exc, another thread's
+        # errors list): the frame must not keep the arena owner, or the heap
+        # stays mapped after close() for as long as the exception lives.
+        del owner
+        raise
     try:
         return _native.block_new(Block, heap, owner, v, size)
     except BaseException:
+        del owner  # as above
         heap.free(v)
         raise
 

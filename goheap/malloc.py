@@ -693,16 +693,22 @@ class Heap:
         The view keeps the heap's memory mapped after ``close()`` (see there);
         like any raw address, it must not be used after ``free(v)``."""
         owner = self._owner()  # first: a close() after the lookup cannot unmap under the view
-        r = self.lookup(v)
-        if r is None:
-            raise ValueError(f"view({v:#x}): not inside a live object")
-        base, n = r
-        avail = base + n - v
-        if size is None:
-            size = avail
-        if not isinstance(size, int) or size < 0 or size > avail:
-            raise ValueError(f"view({v:#x}, {size}): the object [{base:#x}, +{n}) ends first")
-        return _native.view(v, size, owner)
+        try:
+            r = self.lookup(v)
+            if r is None:
+                raise ValueError(f"view({v:#x}): not inside a live object")
+            base, n = r
+            avail = base + n - v
+            if size is None:
+                size = avail
+            if not isinstance(size, int) or size < 0 or size > avail:
+                raise ValueError(f"view({v:#x}, {size}): the object [{base:#x}, +{n}) ends first")
+            return _native.view(v, size, owner)
+        except BaseException:
+            # A kept exception must not keep a closed heap mapped through this
+            # frame (block.py's new_block says why).
+            del owner
+            raise
 
     def explain(self, addr: int) -> str:
         """One line saying what addr is: a live object (base, size), a freed and

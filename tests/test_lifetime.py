@@ -154,6 +154,29 @@ def test_lifetime_block_after_close_frees_quietly_and_unmaps_with_it():
     assert "Exception" not in out
 
 
+@pytest.mark.parametrize(
+    "fail",
+    [
+        pytest.param(lambda h: h.alloc(-1), id="alloc-negative"),
+        pytest.param(lambda h: h.alloc(8, align=3), id="alloc-bad-align"),
+        pytest.param(lambda h: h.alloc(1 << 40), id="alloc-out-of-memory"),
+        pytest.param(lambda h: h.ndarray(1 << 40, np.uint8), id="ndarray-out-of-memory"),
+        pytest.param(lambda h: h.view(h.malloc(8), 100), id="view-past-the-object"),
+        pytest.param(lambda h: h.view(0), id="view-outside"),
+    ],
+)
+def test_lifetime_a_kept_exception_does_not_keep_a_closed_heap_mapped(fail):
+    # A caller may keep an exception (a log record, pytest's excinfo, a thread's
+    # error list): its traceback holds goheap's frames, which took the arena
+    # owner before the call that failed.
+    h = goheap.Heap(arena_size=1 << 28)
+    ranges = heap_ranges(h)
+    with pytest.raises((ValueError, goheap.OutOfMemory)) as kept:
+        fail(h)
+    h.close()
+    assert unmapped(ranges), f"{kept.value!r} kept the heap mapped"
+
+
 def test_lifetime_c_callers_without_the_gil_race_close():
     # ctypes drops the GIL around a foreign call: these threads run the C fast path
     # while the main thread closes (and, with no export, unmaps) the heap.
