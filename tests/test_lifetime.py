@@ -16,7 +16,7 @@ import weakref
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Verbosity, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -28,6 +28,7 @@ from hypothesis.stateful import (
 from osview import died_of_fault, perms_over, run_child
 
 import goheap
+from goheap.sizeclasses import MAX_SMALL_SIZE
 
 np = pytest.importorskip("numpy")
 
@@ -339,7 +340,12 @@ class LifetimeMachine(RuleBasedStateMachine):
     reachable one still holds it (memory stays mapped and unshared), and an open heap
     passes check() with the stats agreeing.  After close(), the exports stay usable and
     everything else says HeapClosed; at teardown, with every export dropped, nothing
-    of any heap this machine made stays mapped."""
+    of any heap this machine made stays mapped.
+
+    Rules draw indices, never a Block, an array or an address: what Hypothesis
+    prints (every draw, in a failure's final run) it keeps until after teardown,
+    where a Block it held kept its heap mapped (FOUND_PROGRAMS["ci-sanitize"]);
+    and an index replays the same on any page size."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -390,17 +396,20 @@ class LifetimeMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.raw)
     @rule(data=st.data())
     def free(self, data: st.DataObject) -> None:
-        v = data.draw(st.sampled_from(sorted(self.raw)))
-        del self.raw[v]
+        v = sorted(self.raw)[data.draw(st.integers(0, len(self.raw) - 1))]
+        size, _ = self.raw.pop(v)
         self.drop_views_of(v)
         self.h.free(v)
-        with pytest.raises(goheap.DoubleFree):
+        # A small object's mark says DoubleFree; a large one's span says so
+        # while it is whole, InvalidFree once it coalesced into a freed neighbour
+        # (the large cache and the page heap alike; DoubleFree is an InvalidFree).
+        with pytest.raises(goheap.DoubleFree if size <= MAX_SMALL_SIZE else goheap.InvalidFree):
             self.h.free(v)
 
     @precondition(lambda self: self.raw)
     @rule(data=st.data())
     def view(self, data: st.DataObject) -> None:
-        v = data.draw(st.sampled_from(sorted(self.raw)))
+        v = sorted(self.raw)[data.draw(st.integers(0, len(self.raw) - 1))]
         size, f = self.raw[v]
         self.views.append((self.h.view(v, size), f, v))
 
@@ -418,7 +427,7 @@ class LifetimeMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.blocks)
     @rule(data=st.data())
     def export_block(self, data: st.DataObject) -> None:
-        b, f = data.draw(st.sampled_from(self.blocks))
+        b, f = self.blocks[data.draw(st.integers(0, len(self.blocks) - 1))]
         self.exports.append((memoryview(b), f, b))
 
     @precondition(lambda self: self.exports)
@@ -558,48 +567,129 @@ class LifetimeMachine(RuleBasedStateMachine):
         assert unmapped(self.ranges), "a closed heap stayed mapped with no export alive"
 
 
-# A program this fuzzer found (CI's sanitize lane, 2026-12-03; it fails the
-# same way at 1d30765, so it is older than the NumPy work): a closed heap
-# stays mapped at teardown with no export alive.  Until it is fixed the
-# fuzzer runs derandomized (the same programs every run, which pass), so CI
-# does not turn red at random, and test_lifetime_known_program_keeps_a_closed_heap_mapped
-# replays the failing one.  GOHEAP_FUZZ_RANDOM=1 explores again.
-KNOWN_FAILURE = (
-    b"AXicbYxZCoAwDERfqhUK9SCewO/JCT2ySVUQkZBlMgvOoYahFeG2oR5loBpVTIW4pyBjtRwMLhVhMe87"
-    b"Wga0m3x3hn1/VyAZ/sA53ao/QrAT1JINgA=="
-)
+# Programs the fuzzer found, replayed every run as Hypothesis ran them (a "data"
+# entry lists the values drawn).
+# - ci-sanitize (CI's sanitize lane, 2026-12-03): at teardown a closed heap stayed
+#   mapped with no export alive, in Hypothesis's final run, the one that prints
+#   each step.  Printing "Draw 1: (<goheap.Block ...>, 1)" filed the drawn object
+#   in the run's pretty-printer table, which lives until after teardown, and
+#   export_block drew the Block itself: Hypothesis held a live Block, so its
+#   memory stayed mapped, as the contract says.  The rules now draw indices.
+#   Replayed without Hypothesis the program always passed (goheap was right);
+#   test_lifetime_fuzz_printing_every_draw_holds_no_heap_object is the test that
+#   failed on the old rules.
+# - large-double-free-*: a second free of a large object said InvalidFree, where
+#   the model wanted DoubleFree: its span had coalesced with a freed neighbour,
+#   which is the documented answer (README, "Large objects").
+FOUND_PROGRAMS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "ci-sanitize": [
+        ("second_thread", {"close_too": True}),
+        ("ndarray", {"how": "keep", "n": 297}),
+        ("close", {}),
+        ("reopen", {}),
+        ("check_with_gc_inside", {}),
+        ("second_thread", {"close_too": False}),
+        ("check_with_gc_inside", {}),
+        ("close", {}),
+        ("ndarray", {"how": "slice", "n": 3127}),
+        ("close", {}),
+        ("close", {}),
+        *[("check_with_gc_inside", {})] * 9,
+        ("reopen", {}),
+        *[("check_with_gc_inside", {})] * 2,
+        ("alloc", {"size": 1}),
+        ("export_block", {"data": [0]}),
+        *[("check_with_gc_inside", {})] * 5,
+    ],
+    "large-double-free-neighbour": [
+        ("malloc", {"size": 0}),
+        ("free", {"data": [0]}),
+        ("malloc", {"size": 0}),
+        ("free", {"data": [0]}),
+        ("malloc", {"size": 32769}),
+        ("malloc", {"size": 32769}),
+        ("free", {"data": [0]}),
+        ("free", {"data": [0]}),
+    ],
+    "large-double-free-after-thread": [
+        ("malloc", {"size": 100}),
+        ("free", {"data": [0]}),
+        ("second_thread", {"close_too": False}),
+        ("malloc", {"size": 100_000}),
+        ("free", {"data": [0]}),
+    ],
+}
 
 
-def run(examples: int, replay: bytes | None = None) -> None:
-    """The fuzzer itself; test_lifetime_fuzz_in_a_child_process runs it in a child."""
-    machine: Any = LifetimeMachine
-    if replay is not None:
-        import hypothesis
+class Drawn:
+    """Stands in for st.data() in a replay: draw() gives the recorded values in turn."""
 
-        machine = hypothesis.reproduce_failure(hypothesis.__version__, replay)(machine)
+    def __init__(self, values: list[Any]) -> None:
+        self.values = list(values)
+
+    def draw(self, strategy: object) -> Any:
+        return self.values.pop(0)
+
+
+def replay(program: list[tuple[str, dict[str, Any]]]) -> None:
+    """Run a program the way Hypothesis runs it: the invariants after the
+    start and after every step, then teardown."""
+    m = LifetimeMachine()
+
+    def invariants() -> None:
+        m.everything_reachable_holds_its_bytes()
+        m.open_heap_checks()
+
+    invariants()
+    for rule_name, kw in program:
+        kw = {k: Drawn(v) if k == "data" else v for k, v in kw.items()}
+        getattr(m, rule_name)(**kw)
+        invariants()
+    m.teardown()
+
+
+def run(examples: int, verbose: bool = False) -> None:
+    """The fuzzer itself; test_lifetime_fuzz_in_a_child_process runs it in a
+    child.  ``verbose``: Hypothesis prints (and so keeps) every draw of every
+    example, as it does in the final run of a failure."""
     run_state_machine_as_test(
-        machine,
+        LifetimeMachine,
         settings=settings(
-            derandomize=os.environ.get("GOHEAP_FUZZ_RANDOM") != "1",
             max_examples=examples,
             stateful_step_count=FUZZ_STEPS,
             deadline=None,
             suppress_health_check=list(HealthCheck),
             database=None,
+            verbosity=Verbosity.verbose if verbose else Verbosity.normal,
         ),
     )
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a closed heap stays mapped (KNOWN_FAILURE)")
-def test_lifetime_known_program_keeps_a_closed_heap_mapped():
-    check_child(
-        """
+@pytest.mark.parametrize("name", sorted(FOUND_PROGRAMS))
+def test_lifetime_found_program_replays_clean(name):
+    out = check_child(
+        f"""
         import test_lifetime
-        test_lifetime.run(1, replay=test_lifetime.KNOWN_FAILURE)
+        test_lifetime.replay(test_lifetime.FOUND_PROGRAMS[{name!r}])
         print("OK")
         """,
         timeout=300,
     )
+    assert out.strip() == "OK"
+
+
+def test_lifetime_fuzz_printing_every_draw_holds_no_heap_object():
+    # What the CI program met: what Hypothesis prints it keeps to the end of
+    # the example, so the rules must hand it no Block, array or view.
+    out = check_child(
+        """
+        import test_lifetime
+        test_lifetime.run(20, verbose=True)
+        print("OK")
+        """,
+        timeout=300,
+    )
+    assert out.strip().endswith("OK")
 
 
 def test_lifetime_fuzz_in_a_child_process():
