@@ -39,6 +39,7 @@ EFENCE_GUARD_NONE: int = lib.GH_EFENCE_GUARD_NONE
 EFENCE_GUARD_AFTER: int = lib.GH_EFENCE_GUARD_AFTER
 EFENCE_GUARD_BEFORE: int = lib.GH_EFENCE_GUARD_BEFORE
 EFR_LISTS: int = lib.GH_EFR_LISTS
+EFR_MAX_CARVE: int = lib.GH_EFR_MAX_CARVE
 MSPAN_IN_USE: int = lib.GH_MSPAN_IN_USE
 MSPAN_FREE: int = lib.GH_MSPAN_FREE
 MSPAN_LIST_HEAD: int = lib.GH_MSPAN_LIST_HEAD
@@ -369,6 +370,25 @@ def efence_ready_take(h: Any, units: int) -> int:
     out = ffi.new("uintptr_t *")
     ensure(lib.gh_efence_ready_take(h, units, out), "efence_ready_take", units)
     return int(out[0])
+
+
+def efence_ready_carve(
+    h: Any, s: Any, units: int, npieces: int, spares: list[int], guards_done: bool = False
+) -> tuple[int, int]:
+    """Cut npieces ready spans of units data units off the top of fresh span
+    s (gh_efence_ready_carve): (pieces listed, status).  Status: OK, MISS
+    (C may not make the calls now: nothing done) or the errno of a guard
+    the OS refused (s is then the rest, uncarved, and the spares after
+    those used are unused).  guards_done: the caller faulted the guards."""
+    arr = (
+        ffi.new("gh_mspan *[]", [ffi.cast("gh_mspan *", a) for a in spares]) if spares else ffi.NULL
+    )
+    made = ffi.new("uintptr_t *")
+    flags = lib.GH_CARVE_GUARDS_DONE if guards_done else 0
+    st = lib.gh_efence_ready_carve(h, s, units, npieces, arr, len(spares), flags, made)
+    if st == EARG:
+        ensure(st, "efence_ready_carve", units, int(ffi.cast("uintptr_t", s)))
+    return int(made[0]), st
 
 
 def efence_ready_list(h: Any) -> list[int] | None:

@@ -444,6 +444,24 @@ static inline gh_mspan **spans_slot(const gh_mheap *h, uintptr_t v)
 }
 
 /* Point npages entries starting at the page of v at s (s may be NULL). */
+/* Point the spans-table entries of npages pages from v at s.  Four entries
+ * a step, which the compiler turns into two 16-byte stores: a cut and its
+ * join rewrite up to a few hundred entries per round trip, and one store a
+ * step made that a third of a 4 MiB round trip (measured). */
+static inline void spans_point(gh_mheap *h, uintptr_t v, uintptr_t npages, gh_mspan *s)
+{
+    gh_mspan **slot = spans_slot(h, v);
+    uintptr_t i = 0;
+    for (; i + 4 <= npages; i += 4) {
+        slot[i] = s;
+        slot[i + 1] = s;
+        slot[i + 2] = s;
+        slot[i + 3] = s;
+    }
+    for (; i < npages; i++)
+        slot[i] = s;
+}
+
 int gh_spans_set(gh_mheap *h, uintptr_t v, uintptr_t npages, gh_mspan *s)
 {
     uintptr_t i;
@@ -1082,6 +1100,127 @@ int gh_efence_ready_put(gh_mheap *h, gh_mspan *s)
     return GH_OK;
 }
 
+/* Fault the guard unit at g of a span being made ready.  dirty: the span's
+ * pages may hold an earlier user's bytes, so they are dropped too (as
+ * gh_sys_fault does); pages that read zero came fresh from the OS and were
+ * never touched, so mprotect alone is enough and saves a system call. */
+static int ready_guard_fault(uintptr_t g, uintptr_t unit, uintptr_t pagesize, int dirty)
+{
+    if (dirty)
+        return gh_sys_fault(g, unit, pagesize);
+    if (!os_args_ok(g, unit, pagesize, 0))
+        return GH_EARG;
+    return mprotect((void *)g, unit, PROT_NONE) == 0 ? GH_OK : errno;
+}
+
+/* Carve npieces ready spans for objects of units data units off the top
+ * of IN_USE span s, fresh from the page heap: each its data units and,
+ * with a guard, one more unit, faulted here.  A batch's page-heap work is
+ * then one Python allocation, and the rest (the spans table, the guards,
+ * the lists) this one call.  Each piece takes the next struct of spares
+ * (structs Python's SpanAlloc has just allocated, owned by the caller, who
+ * holds the heap lock; C cannot tell an allocated struct from other
+ * memory, so it checks only that they are distinct, aligned, and not s),
+ * except that when the pieces fill s exactly the lowest is s itself.
+ * Cutting from the top down keeps s, always, the part not carved yet, and
+ * lists the lowest piece last on its LIFO list, so it is handed out first.
+ * GH_CARVE_GUARDS_DONE: the caller faulted every guard already (through
+ * the OS layer, while it injects or traces calls), so C makes no call.
+ * *made: the pieces listed.  If the OS refuses a guard, carving stops and
+ * its errno comes back: s is the rest, plain IN_USE memory as it came
+ * (its pages its own in the spans table), and the spares after the *made
+ * used ones are unused.  GH_MISS, nothing done, while C may not make
+ * efence's calls (efq_c_ok) and the guards are not done. */
+int gh_efence_ready_carve(gh_mheap *h, gh_mspan *s, uintptr_t units, uintptr_t npieces,
+                          gh_mspan *const *spares, uintptr_t nspare, int flags, uintptr_t *made)
+{
+    uintptr_t unit, guard, piece_bytes, piece_pages, top, start, g, i, j, whole;
+    gh_mspan *t = NULL;
+    int st = GH_OK, dirty, done = (flags & GH_CARVE_GUARDS_DONE) != 0;
+
+    if (h == NULL || s == NULL || made == NULL || (spares == NULL && nspare != 0) ||
+        units == 0 || units > GH_EFR_LISTS || npieces == 0 || npieces > nspare + 1 ||
+        nspare > GH_EFR_MAX_CARVE || (flags & ~GH_CARVE_GUARDS_DONE) != 0)
+        return GH_EARG;
+    *made = 0;
+    if (!heap_lock_open(h))
+        return GH_EARG;
+    if (!done && !efq_c_ok(h)) {
+        heap_unlock(h);
+        return GH_MISS;
+    }
+    unit = h->efq_unit;
+    guard = h->efq_guard != GH_EFENCE_GUARD_NONE ? unit : 0;
+    piece_bytes = units * unit + guard;
+    piece_pages = piece_bytes >> GH_PAGE_SHIFT;
+    if (unit < GH_PAGE_SIZE || unit % GH_PAGE_SIZE != 0 || s->state != GH_MSPAN_IN_USE ||
+        s->sizeclass != 0 || s->ref != 0 || s->efence || s->incache || s->inlist ||
+        s->start % unit != 0 || s->npages < piece_pages * npieces ||
+        !range_ok(h, s->start, s->npages << GH_PAGE_SHIFT)) {
+        heap_unlock(h);
+        return GH_EARG;
+    }
+    whole = s->npages == piece_pages * npieces; /* s becomes the lowest piece */
+    if (nspare < npieces - (uintptr_t)whole) {
+        heap_unlock(h);
+        return GH_EARG;
+    }
+    for (i = 0; i < nspare; i++) {
+        if (spares[i] == NULL || spares[i] == s ||
+            (uintptr_t)spares[i] % _Alignof(gh_mspan) != 0) {
+            heap_unlock(h);
+            return GH_EARG;
+        }
+        for (j = 0; j < i; j++)
+            if (spares[j] == spares[i]) {
+                heap_unlock(h);
+                return GH_EARG;
+            }
+    }
+    dirty = s->needzero;
+    top = s->start + (s->npages << GH_PAGE_SHIFT);
+    for (i = 0; i < npieces; i++) {
+        t = whole && i == npieces - 1 ? s : spares[i];
+        start = top - piece_bytes;
+        if (guard != 0 && !done) {
+            g = h->efq_guard == GH_EFENCE_GUARD_AFTER ? start + piece_bytes - unit : start;
+            st = ready_guard_fault(g, unit, h->efq_pagesize, dirty);
+            if (st != GH_OK)
+                break;
+        }
+        if (t != s) {
+            spans_point(h, start, piece_pages, t);
+            s->npages -= piece_pages;
+        }
+        t->start = start;
+        t->npages = piece_pages;
+        t->freelist = 0;
+        t->elemsize = 0;
+        t->base = t->limit = start;
+        t->ref = 0;
+        t->nelems = 0;
+        t->state = GH_MSPAN_IN_USE;
+        t->sizeclass = 0;
+        t->incache = t->inlist = 0;
+        t->needzero = (uint8_t)dirty;
+        t->efence = 1;
+        t->prev = NULL;
+        t->next = h->efr[units - 1];
+        h->efr[units - 1] = t;
+        h->efr_nspans++;
+        h->efr_bytes += piece_bytes;
+        top = start;
+        (*made)++;
+    }
+    if (t != s || st != GH_OK) { /* s: the rest, as the page heap gave it */
+        s->elemsize = s->npages << GH_PAGE_SHIFT;
+        s->base = s->start;
+        s->limit = s->start + s->elemsize;
+    }
+    heap_unlock(h);
+    return st;
+}
+
 int gh_efence_ready_take(gh_mheap *h, uintptr_t units, uintptr_t *out)
 {
     uintptr_t k;
@@ -1296,24 +1435,6 @@ static inline gh_mspan *spare_pop(gh_mheap *h)
     s->next = NULL;
     h->lcache_nspare--;
     return s;
-}
-
-/* Point the spans-table entries of npages pages from v at s.  Four entries
- * a step, which the compiler turns into two 16-byte stores: a cut and its
- * join rewrite up to a few hundred entries per round trip, and one store a
- * step made that a third of a 4 MiB round trip (measured). */
-static inline void spans_point(gh_mheap *h, uintptr_t v, uintptr_t npages, gh_mspan *s)
-{
-    gh_mspan **slot = spans_slot(h, v);
-    uintptr_t i = 0;
-    for (; i + 4 <= npages; i += 4) {
-        slot[i] = s;
-        slot[i + 1] = s;
-        slot[i + 2] = s;
-        slot[i + 3] = s;
-    }
-    for (; i < npages; i++)
-        slot[i] = s;
 }
 
 /* Cut cached span s (off its list, longer than npages) in two: the first

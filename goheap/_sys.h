@@ -74,6 +74,8 @@
 #define GH_EFENCE_GUARD_AFTER  1  /* object right-aligned against a faulted unit */
 #define GH_EFENCE_GUARD_BEFORE 2  /* a faulted unit, then the object */
 #define GH_EFR_LISTS 8            /* ready spans for objects of 1..8 efence units */
+#define GH_EFR_MAX_CARVE 4096    /* spare structs one gh_efence_ready_carve may take */
+#define GH_CARVE_GUARDS_DONE 1   /* gh_efence_ready_carve: the caller faulted the guards */
 
 /* ---- free-span event bits returned by gh_mcache_free -------------------- */
 #define GH_FREED_LARGE        4  /* a large/efence object: Python frees its span */
@@ -273,6 +275,12 @@ int gh_efence_q_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n);
 int gh_efence_ready_put(gh_mheap *h, gh_mspan *s);
 int gh_efence_ready_take(gh_mheap *h, uintptr_t units, uintptr_t *out);
 int gh_efence_ready_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n);
+/* gh_efence_ready_carve: npieces ready spans cut off the top of fresh
+ * IN_USE span s (s the last if they fill it), guards faulted unless the
+ * caller did (GH_CARVE_GUARDS_DONE); *made listed; an errno if a guard was
+ * refused (s: the rest, uncarved). */
+int gh_efence_ready_carve(gh_mheap *h, gh_mspan *s, uintptr_t units, uintptr_t npieces,
+                          gh_mspan *const *spares, uintptr_t nspare, int flags, uintptr_t *made);
 
 /* ---- fault reporter (efence diagnosis) ------------------------------------
  * gh_fault_register: h joins the fixed registry the reporter searches

@@ -55,7 +55,7 @@ bounds Python sets), so free of an efence object faults and lists it in C
 while the quarantine has room, and C takes the oldest span back for a
 sampled malloc once it is full (a sampled pair: three system calls).  Fresh
 spans come from the page heap, which is Python's, so a miss makes a batch
-of ``READY_BATCH`` *ready* spans of the length asked for (guards faulted,
+of ``ready_batch`` *ready* spans of the length asked for (guards faulted,
 data pages untouched) that C hands out without a system call, to every
 malloc of an efence heap and to sampled ones (GWP-ASan's free slots).
 Python still decides everything else: retiring spans past a bound, growth,
@@ -252,48 +252,71 @@ class EFence:
     # ---- ready spans (C hands them out) -----------------------------------------
 
     def refill(self, units: int) -> None:
-        """Make READY_BATCH fresh spans for objects of ``units`` data units,
-        guards faulted, and give them to C, which hands them out with no
-        system call (GWP-ASan's free slots).  Advice: if the arena or the OS
-        says no, fewer or none are made and the next miss tries again."""
+        """Make a batch (``ready_batch``) of fresh spans for objects of
+        ``units`` data units, guards faulted, and give them to C, which hands
+        them out with no system call (GWP-ASan's free slots).  The page heap
+        (Python's) gives one span for the batch and SpanAlloc its structs; C
+        cuts it, points the spans table and faults the guards in one call.
+        Advice: if the arena or the OS says no, fewer or none are made and
+        the next miss tries again."""
         h, unit = self.h, self.unit
         c = h.c
-        if not c.efq_on or not 1 <= units <= _native.EFR_LISTS or c.frozen:
+        if not c.efq_on or not 1 <= units <= _native.EFR_LISTS:
             return
-        ready = _native.efence_ready_take(c, units)
-        if ready:  # not empty (malloc(align=) comes here past them): nothing to make
-            _native.efence_ready_put(c, MSpan(ready)._c)
-            return
+        if c.efr[units - 1] != _native.NULL_SPAN:
+            return  # not empty (malloc(align=) comes here past them): nothing to make
         span_bytes = units * unit + (unit if self.guard != "none" else 0)
-        npages = span_bytes >> PAGE_SHIFT
+        n = ready_batch(span_bytes)
         try:
-            s = h.alloc_span_aligned_locked(npages * READY_BATCH, unit)
+            spares = h.spanalloc.alloc_addrs(n - 1)
         except (OSError, MemoryError):
             return
-        heads: list[MSpan] = []
+        made = 0
         try:
-            for _ in range(READY_BATCH - 1):
-                heads.append(h._split_head(s, npages))
+            s = h.alloc_span_aligned_locked((span_bytes >> PAGE_SHIFT) * n, unit)
         except (OSError, MemoryError):
-            for t in [*heads, s]:
-                h.free_span_locked(t)  # plain Ready memory, as it came
-            return
-        # Listed highest address first, so C hands them out lowest first.
-        batch = [s, *reversed(heads)]
-        for i, t in enumerate(batch):
-            g = self.guard_of(t)
-            try:
-                if g is not None:
-                    h.mem.sys_fault(*g)
-            except (OSError, MemoryError):
-                for rest in batch[i:]:
-                    h.free_span_locked(rest)  # plain Ready memory, as it came
-                return
-            t.base = t.limit = t.start
-            t.elemsize = 0
-            t.ref = 0
-            t._c.efence = 1
-            _native.efence_ready_put(c, t._c)
+            s = None
+        if s is not None:
+            if self._c_may_call():
+                made, _ = _native.efence_ready_carve(c, s._c, units, n, spares)
+            else:
+                made = self._carve_seen(s, units, n, spares)
+            if made < n:
+                h.free_span_locked(s)  # the rest, plain Ready memory as it came
+        for addr in spares[made:]:
+            h.spanalloc.free(MSpan(addr))
+
+    def _carve_seen(self, s: MSpan, units: int, n: int, spares: list[int]) -> int:
+        """refill's cut while the OS layer injects or traces calls: the
+        guards are faulted here, top piece first as C does, so each call is
+        seen there; C cuts as many pieces as got their guard."""
+        span_bytes = units * self.unit + (self.unit if self.guard != "none" else 0)
+        done = 0
+        top = s.end
+        if self.guard != "none":
+            for _ in range(n):
+                start = top - span_bytes
+                g = start + span_bytes - self.unit if self.guard == "after" else start
+                try:
+                    self.h.mem.sys_fault(g, self.unit)
+                except (OSError, MemoryError):
+                    break
+                done += 1
+                top = start
+        else:
+            done = n
+        if not done:
+            return 0
+        made, _ = _native.efence_ready_carve(self.h.c, s._c, units, done, spares, guards_done=True)
+        return made
+
+    def _c_may_call(self) -> bool:
+        """Whether C may make efence's system calls now (gh_mheap.efq_on, the
+        OS layer neither injecting nor tracing, no check() running): else
+        every call is Python's, so each one is seen (and may fail) there."""
+        c = self.h.c
+        hook = c.efq_hook
+        return bool(c.efq_on) and not c.frozen and (hook == _native.ffi.NULL or not hook[0])
 
     def flush_ready(self) -> None:
         """Give every ready span back to the page heap (scavenge): guard
@@ -339,13 +362,26 @@ class EFence:
             v = self._reuse(span_bytes >> PAGE_SHIFT, data, usable)
             if v:
                 return v, usable
-        try:
-            s = h.alloc_span_aligned_locked(span_bytes >> PAGE_SHIFT, unit)
-        except OutOfMemory as e:
-            raise OutOfMemory(
-                f"efence: malloc({n}) needs {span_bytes} bytes of fresh pages: "
-                f"{self.exhaustion_cause(e)}"
-            ) from e
+        # C's next objects of this length, and this one, from one batch.  While
+        # the OS layer injects or traces calls, this object's own span comes
+        # first, so that a failure of its calls surfaces here; the batch,
+        # advice, follows.
+        ready, batch_after = 0, False
+        if data <= _native.EFR_LISTS * unit:
+            batch_after = not self._c_may_call()
+            if not batch_after:
+                self.refill(data // unit)
+                ready = _native.efence_ready_take(h.c, data // unit)
+        if ready:
+            s = MSpan(ready)  # guard faulted already
+        else:
+            try:
+                s = h.alloc_span_aligned_locked(span_bytes >> PAGE_SHIFT, unit)
+            except OutOfMemory as e:
+                raise OutOfMemory(
+                    f"efence: malloc({n}) needs {span_bytes} bytes of fresh pages: "
+                    f"{self.exhaustion_cause(e)}"
+                ) from e
         if self.guard == "after":
             guard_lo = s.start + data
             base = guard_lo - usable
@@ -354,7 +390,7 @@ class EFence:
             base = s.start + unit
         else:
             guard_lo, base = 0, s.start
-        if self.guard != "none":
+        if self.guard != "none" and not ready:
             try:
                 h.mem.sys_fault(guard_lo, unit)
             except (OSError, MemoryError) as e:
@@ -374,8 +410,8 @@ class EFence:
         s.ref = 1
         s._c.efence = 1
         _native.bitmap_set(h.c, word(base), _native.BIT_ALLOCATED, _native.BIT_BOUNDARY)
-        if usable <= _native.EFR_LISTS * unit:
-            self.refill(data // unit)  # C's next objects of this length
+        if batch_after:
+            self.refill(data // unit)
         return base, usable
 
     def quarantine_full(self, span_bytes: int) -> bool:
@@ -589,11 +625,21 @@ _GUARD_CODES = {
     "after": _native.EFENCE_GUARD_AFTER,
     "before": _native.EFENCE_GUARD_BEFORE,
 }
-# Ready spans made per miss: one Python slow path (the page heap, the spans
-# table) per READY_BATCH efence objects of a length; their pages are address
-# space until used (a batch of 1-unit spans with guards: 16 x 16 KiB at 4 KiB
-# pages).
-READY_BATCH = 16
+# Ready spans made per miss: one Python slow path (a page-heap allocation,
+# SpanAlloc's structs) per batch of efence objects of a length, and one C
+# call that cuts it.  A batch is READY_BATCH_BYTES of spans, at least
+# READY_BATCH_MIN and at most READY_BATCH_MAX of them: 64 x 16 KiB for the
+# smallest objects with guards at 4 KiB pages, 16 x 72 KiB for the largest.
+# Their pages are address space until used (only pages an earlier user
+# dirtied are resident), and scavenge() gives them back.
+READY_BATCH_BYTES = 1 << 20
+READY_BATCH_MIN = 16
+READY_BATCH_MAX = 64
+
+
+def ready_batch(span_bytes: int) -> int:
+    """How many ready spans of span_bytes one miss makes."""
+    return max(READY_BATCH_MIN, min(READY_BATCH_MAX, READY_BATCH_BYTES // span_bytes))
 
 
 def _position(addr: int, base: int, size: int) -> str:

@@ -355,7 +355,9 @@ class Heap:
         return checked
 
     def _reclaim(self) -> int:
-        return sum(c.reclaim() for c in self._central[1:])
+        # Only classes that own spans can give one back (an efence heap owns
+        # none, and grows for every batch of ready spans).
+        return sum(c.reclaim() for c in self._central[1:] if c.spans)
 
     def _reinit_locks(self) -> None:
         self._checker = 0  # a check() in another thread at fork time never ends here

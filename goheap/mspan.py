@@ -184,6 +184,36 @@ class SpanAlloc:
 
     def alloc(self) -> MSpan:
         """A struct for a new span (fields as they were: the caller inits)."""
+        return MSpan(self._alloc_addr())
+
+    def alloc_addrs(self, n: int) -> list[int]:
+        """n structs' addresses, no wrapper made (C inits them: efence's
+        carve); all or none (OutOfMemory)."""
+        got: list[int] = []
+        try:
+            while len(got) < n:
+                got.append(self._alloc_addr())
+                # The rest from the same chunk's free bits at once, unless some
+                # of its pages were given back (_alloc_addr takes them back).
+                ci = self._hint
+                if self._released[ci]:
+                    continue
+                v, used = self.chunks[ci][0], self._used[ci]
+                free = ~used & ((1 << self._nstructs(ci)) - 1)
+                while free and len(got) < n:
+                    low = free & -free
+                    free ^= low
+                    used |= low
+                    got.append(v + (low.bit_length() - 1) * self.size)
+                    self.inuse += 1
+                self._used[ci] = used
+        except BaseException:
+            for addr in got:
+                self.free(MSpan(addr))
+            raise
+        return got
+
+    def _alloc_addr(self) -> int:
         for ci in range(self._hint, len(self.chunks)):
             free = ~self._used[ci] & ((1 << self._nstructs(ci)) - 1)
             if free:
@@ -205,7 +235,7 @@ class SpanAlloc:
             self._reuse(ci, addr)
         self._used[ci] |= 1 << i
         self.inuse += 1
-        return MSpan(addr)
+        return addr
 
     def _reuse(self, ci: int, addr: int) -> None:
         """Take back (sys_used) the released OS pages struct addr lies on."""

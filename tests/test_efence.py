@@ -813,16 +813,17 @@ def test_efence_ready_spans_are_handed_out_by_c(guard):
 
     with goheap.Heap(arena_size=256 * MiB, efence=True, guard=guard) as h:
         ef = h._efence
-        p = h.malloc(100)  # Python's: a fresh span, and a batch of ready ones of its length
-        assert len(ef.ready_spans()) == efence_mod.READY_BATCH
+        p = h.malloc(100)  # Python's: a batch of ready spans of its length, one for p
+        batch = efence_mod.ready_batch(h._h.lookup(p).nbytes)
+        assert len(ef.ready_spans()) == batch - 1
         h.check()
         calls = dict(h._h.mem.calls)
         with goheap_python_calls() as called:
-            ptrs = [h.malloc(n) for n in (1, 100, 4000, 8)[: efence_mod.READY_BATCH]]
+            ptrs = [h.malloc(n) for n in (1, 100, 4000, 8)]
             for q in ptrs[:2]:
                 h.free(q)
         assert called == [] and h._h.mem.calls == calls  # no Python, no call the OS layer saw
-        assert len(ef.ready_spans()) == efence_mod.READY_BATCH - 4
+        assert len(ef.ready_spans()) == batch - 5
         assert_kernel_agrees(h)
         for q in ptrs[2:]:
             u = h.usable_size(q)
@@ -842,4 +843,85 @@ def test_efence_ready_spans_are_handed_out_by_c(guard):
         h.check()
         for q in [p, *ptrs[2:]]:
             h.free(q)
+        h.check()
+
+
+# ---- ready batches cut in C (gh_efence_ready_carve) -----------------------------------
+
+
+@pytest.mark.parametrize("guard", ["none", "after", "before"])
+def test_efence_ready_batch_is_cut_in_c_with_its_guards_faulted(page, guard):
+    from goheap import efence as efence_mod
+
+    with new_heap(page, guard=guard) as h:
+        calls = dict(h._h.mem.calls)
+        p = h.malloc(3 * h._efence.unit - 5)  # 3 data units (4 with the guard)
+        s = h._h.lookup(p)
+        batch = efence_mod.ready_batch(s.nbytes)
+        ready = h._efence.ready_spans()
+        assert len(ready) == batch - 1
+        # C faulted the guards: the OS layer saw none of them.
+        assert h._h.mem.calls["fault"] == calls.get("fault", 0)
+        starts = [s.start, *(h._h.span_of(a).start for a in ready)]
+        # One page-heap span cut in equal pieces, p's the lowest (handed out first).
+        assert sorted(starts) == [s.start + i * s.nbytes for i in range(batch)]
+        assert_kernel_agrees(h)
+        h.check()
+        h.free(p)
+        h.check()
+
+
+def test_efence_ready_batch_with_a_refused_guard_keeps_the_pieces_made(page):
+    """While the OS layer injects, Python faults the guards (each call seen)
+    and C cuts as many pieces as got one; the rest goes back to the page heap."""
+    from goheap import efence as efence_mod
+
+    m = mem.SysMemory(page_size=page)
+    with goheap.Heap(arena_size=GiB, efence=True, guard="after", sysmem=m) as h:
+        unit = h._efence.unit
+        before = h.stats()
+        m.inject("fault", nth=4)  # p's own guard, then three of the batch's
+        p = h.malloc(100)
+        assert len(h._efence.ready_spans()) == 2
+        # p's span in use; the two ready ones idle, as stats() counts them
+        assert h.stats().heap_inuse == before.heap_inuse + 2 * unit
+        assert int(h._c.efr_bytes) == 2 * 2 * unit
+        assert_kernel_agrees(h)
+        h.check()
+        # The next miss of that length makes a whole batch.
+        got = [h.malloc(100) for _ in range(3)]
+        assert len(h._efence.ready_spans()) == efence_mod.ready_batch(2 * unit) - 1
+        for q in [p, *got]:
+            h.free(q)
+        assert_kernel_agrees(h)
+        h.check()
+
+
+def test_efence_ready_carve_refuses_bad_arguments_and_changes_nothing():
+    with goheap.Heap(arena_size=GiB, efence=True, guard="after") as h:
+        hh, c = h._h, h._c
+        unit = h._efence.unit
+        npages = 2 * unit // _native.PAGE_SIZE
+        with hh.lock:
+            s = hh.alloc_span_aligned_locked(4 * npages, unit)
+            spares = hh.spanalloc.alloc_addrs(3)
+            bad = [
+                (s._c, 0, 4, spares),  # units 0
+                (s._c, 9, 4, spares),  # past GH_EFR_LISTS
+                (s._c, 1, 0, spares),  # no piece
+                (s._c, 1, 5, spares),  # more pieces than structs
+                (s._c, 1, 4, spares[:2]),  # 4 pieces fill s: 3 structs needed
+                (s._c, 1, 4, [spares[0], spares[0], spares[1]]),  # a struct twice
+                (s._c, 1, 4, [spares[0], spares[1], s.addr]),  # s itself
+                (s._c, 3, 4, spares),  # 4 pieces of 3 units do not fit
+            ]
+            for args in bad:
+                with pytest.raises(ValueError):
+                    _native.efence_ready_carve(c, *args)
+            assert int(c.efr_nspans) == 0 and s.state == SpanState.IN_USE
+            assert s.npages == 4 * npages
+            made, st = _native.efence_ready_carve(c, s._c, 1, 4, spares)
+            assert (made, st) == (4, _native.OK)
+        assert len(h._efence.ready_spans()) == 4
+        assert_kernel_agrees(h)
         h.check()
