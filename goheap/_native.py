@@ -372,6 +372,14 @@ def efence_ready_take(h: Any, units: int) -> int:
     return int(out[0])
 
 
+def efence_q_drop(h: Any) -> int:
+    """Give back now the pages of the faulted spans C has not dropped yet
+    (gh_efence_q_drop); how many spans."""
+    n = ffi.new("uintptr_t *")
+    ensure(lib.gh_efence_q_drop(h, n), "efence_q_drop")
+    return int(n[0])
+
+
 def efence_ready_carve(
     h: Any, s: Any, units: int, npieces: int, spares: list[int], guards_done: bool = False
 ) -> tuple[int, int]:

@@ -849,6 +849,53 @@ static inline void efq_unlink(gh_mheap *h, gh_mspan *s)
     s->next = s->prev = NULL;
     h->efq_bytes -= s->npages << GH_PAGE_SHIFT;
     h->efq_nspans--;
+    if (s->undropped) { /* its pages stay as they are: dirty (needzero set) */
+        uint32_t i;
+        for (i = 0; i < h->efq_nundropped && h->efq_undropped[i] != s; i++)
+            ;
+        if (i < h->efq_nundropped) {
+            h->efq_undropped[i] = h->efq_undropped[--h->efq_nundropped];
+            h->efq_undropped_bytes -= s->npages << GH_PAGE_SHIFT;
+        }
+        s->undropped = 0;
+    }
+}
+
+/* Give back the pages of every faulted span not dropped yet, one call per
+ * run of adjacent spans (sorted by address first: sixteen at most, so an
+ * insertion sort).  A drop the OS refuses leaves the pages resident and
+ * needzero set, which is all a later reuse needs to know. */
+static void efq_drop_all(gh_mheap *h)
+{
+    gh_mspan **u = h->efq_undropped, *t;
+    uint32_t n = h->efq_nundropped, i, j, k;
+    uintptr_t lo, hi;
+    int zero;
+    for (i = 1; i < n; i++) {
+        t = u[i];
+        for (j = i; j > 0 && u[j - 1]->start > t->start; j--)
+            u[j] = u[j - 1];
+        u[j] = t;
+    }
+    for (i = 0; i < n; i = k) {
+        lo = u[i]->start;
+        hi = lo + (u[i]->npages << GH_PAGE_SHIFT);
+        for (k = i + 1; k < n && u[k]->start == hi; k++)
+            hi += u[k]->npages << GH_PAGE_SHIFT;
+#if defined(__linux__)
+        zero = os_args_ok(lo, hi - lo, h->efq_pagesize, 0) &&
+               madvise((void *)lo, hi - lo, MADV_DONTNEED) == 0;
+#else
+        (void)gh_sys_unused(lo, hi - lo, h->efq_pagesize);
+        zero = 0; /* dropped pages may keep their bytes there */
+#endif
+        for (j = i; j < k; j++) {
+            u[j]->undropped = 0;
+            u[j]->needzero = (uint8_t)!zero;
+        }
+    }
+    h->efq_nundropped = 0;
+    h->efq_undropped_bytes = 0;
 }
 
 /* Whether C may make efence's system calls now (Python lets it, and the OS
@@ -1001,21 +1048,25 @@ static int efence_free(gh_mheap *h, gh_mspan *s, uintptr_t v)
     if (!efq_c_ok(h) || v != s->base || s->ref != 1 || h->efq_nspans + 1 > h->efq_max_spans ||
         h->efq_bytes + nbytes > h->efq_max_bytes)
         return 0;
-    /* gh_sys_fault, keeping what it does not say: whether the pages were
-     * dropped (then they read zero when efq_map_again maps them again). */
+    /* gh_sys_fault in two halves: PROT_NONE now, so that a use after free
+     * faults at once; the pages dropped with the next few (efq_drop_all),
+     * which a stream of frees mostly makes one call for adjacent spans. */
     if (!os_args_ok(s->start, nbytes, h->efq_pagesize, 0) ||
         mprotect((void *)s->start, nbytes, PROT_NONE) != 0)
         return 0;
-#if defined(__linux__)
-    s->needzero = madvise((void *)s->start, nbytes, MADV_DONTNEED) != 0;
-#else
-    (void)gh_sys_unused(s->start, nbytes, h->efq_pagesize);
-    s->needzero = 1;
-#endif
     bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
     s->ref = 0;
     s->state = GH_MSPAN_FAULTED;
     efq_push(h, s);
+    if (h->efq_nundropped == GH_EFQ_DROP_BATCH ||
+        h->efq_undropped_bytes + nbytes >= GH_EFQ_DROP_BYTES)
+        efq_drop_all(h);
+    s->needzero = 1;
+    s->undropped = 1;
+    h->efq_undropped[h->efq_nundropped++] = s;
+    h->efq_undropped_bytes += nbytes;
+    if (nbytes >= GH_EFQ_DROP_BYTES)
+        efq_drop_all(h); /* a big span goes at once, alone */
     h->nlargefree++;
     h->largefree += s->elemsize;
     h->live_bytes -= s->elemsize;
@@ -1113,6 +1164,33 @@ static int ready_guard_fault(uintptr_t g, uintptr_t unit, uintptr_t pagesize, in
     return mprotect((void *)g, unit, PROT_NONE) == 0 ? GH_OK : errno;
 }
 
+/* Fault in, writable, the bitmap pages that describe [lo, hi) of the
+ * arena: a batch's objects will each mark a word there, and bitmap_set
+ * reads before it writes, so an untouched page costs two faults (the zero
+ * page, then a copy); one call for the whole batch instead.  Advice: a
+ * kernel without MADV_POPULATE_WRITE (before Linux 5.14) says EINVAL and
+ * the faults come as before.  Caller holds h->lock, [lo, hi) in the arena. */
+static void ready_bitmap_populate(const gh_mheap *h, uintptr_t lo, uintptr_t hi)
+{
+#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
+    unsigned shift;
+    uintptr_t ps = h->efq_pagesize;
+    uintptr_t a = (uintptr_t)bitmap_word(h, hi - GH_PTR_SIZE, &shift);
+    uintptr_t b = (uintptr_t)bitmap_word(h, lo, &shift) + GH_PTR_SIZE;
+    if (ps == 0 || (ps & (ps - 1)) != 0)
+        return;
+    /* The bitmap ends at arena_start, a page boundary, so b rounds up to at
+     * most there; a's page holds a mapped word, so it is mapped. */
+    a &= ~(ps - 1);
+    b = (b + ps - 1) & ~(ps - 1);
+    (void)madvise((void *)a, b - a, MADV_POPULATE_WRITE);
+#else
+    (void)h;
+    (void)lo;
+    (void)hi;
+#endif
+}
+
 /* Carve npieces ready spans for objects of units data units off the top
  * of IN_USE span s, fresh from the page heap: each its data units and,
  * with a guard, one more unit, faulted here.  A batch's page-heap work is
@@ -1179,6 +1257,8 @@ int gh_efence_ready_carve(gh_mheap *h, gh_mspan *s, uintptr_t units, uintptr_t n
     }
     dirty = s->needzero;
     top = s->start + (s->npages << GH_PAGE_SHIFT);
+    if (!done)
+        ready_bitmap_populate(h, top - npieces * piece_bytes, top);
     for (i = 0; i < npieces; i++) {
         t = whole && i == npieces - 1 ? s : spares[i];
         start = top - piece_bytes;
@@ -1204,6 +1284,7 @@ int gh_efence_ready_carve(gh_mheap *h, gh_mspan *s, uintptr_t units, uintptr_t n
         t->incache = t->inlist = 0;
         t->needzero = (uint8_t)dirty;
         t->efence = 1;
+        t->undropped = 0;
         t->prev = NULL;
         t->next = h->efr[units - 1];
         h->efr[units - 1] = t;
@@ -1272,10 +1353,22 @@ int gh_efence_ready_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *
     return st;
 }
 
+int gh_efence_q_drop(gh_mheap *h, uintptr_t *n)
+{
+    if (h == NULL || n == NULL)
+        return GH_EARG;
+    if (!heap_lock_open(h))
+        return GH_EARG;
+    *n = h->efq_nundropped;
+    efq_drop_all(h);
+    heap_unlock(h);
+    return GH_OK;
+}
+
 int gh_efence_q_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
 {
     gh_mspan *s, *prev = NULL;
-    uintptr_t i = 0, bytes = 0;
+    uintptr_t i = 0, bytes = 0, nu = 0, ubytes = 0, k;
     int st = GH_OK;
     if (h == NULL || n == NULL || (out == NULL && max != 0))
         return GH_EARG;
@@ -1283,7 +1376,7 @@ int gh_efence_q_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
         return GH_EARG;
     for (s = h->efq_head; s != NULL; prev = s, s = s->next) {
         if (s->prev != prev || s->state != GH_MSPAN_FAULTED || !s->efence || s->sizeclass != 0 ||
-            i >= h->efq_nspans) {
+            i >= h->efq_nspans || (s->undropped && !s->needzero)) {
             st = GH_ECORRUPT;
             break;
         }
@@ -1291,9 +1384,22 @@ int gh_efence_q_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
             out[i] = (uintptr_t)s;
         i++;
         bytes += s->npages << GH_PAGE_SHIFT;
+        if (s->undropped) {
+            nu++;
+            ubytes += s->npages << GH_PAGE_SHIFT;
+        }
     }
     if (st == GH_OK && (prev != h->efq_tail || i != h->efq_nspans || bytes != h->efq_bytes))
         st = GH_ECORRUPT;
+    /* The undropped spans: the array's, all on the list (counted there), and
+     * no other (so the list's count matches); their bytes below the bound. */
+    if (st == GH_OK && (nu != h->efq_nundropped || ubytes != h->efq_undropped_bytes ||
+                        nu > GH_EFQ_DROP_BATCH || (nu > 0 && ubytes >= GH_EFQ_DROP_BYTES)))
+        st = GH_ECORRUPT;
+    for (k = 0; st == GH_OK && k < h->efq_nundropped; k++)
+        if (h->efq_undropped[k] == NULL || !h->efq_undropped[k]->undropped ||
+            h->efq_undropped[k]->state != GH_MSPAN_FAULTED)
+            st = GH_ECORRUPT;
     *n = i;
     heap_unlock(h);
     return st;

@@ -74,6 +74,8 @@
 #define GH_EFENCE_GUARD_AFTER  1  /* object right-aligned against a faulted unit */
 #define GH_EFENCE_GUARD_BEFORE 2  /* a faulted unit, then the object */
 #define GH_EFR_LISTS 8            /* ready spans for objects of 1..8 efence units */
+#define GH_EFQ_DROP_BATCH 16      /* faulted spans whose pages C drops in one go */
+#define GH_EFQ_DROP_BYTES (1UL << 20) /* ... or fewer, once they span this many bytes */
 #define GH_EFR_MAX_CARVE 4096    /* spare structs one gh_efence_ready_carve may take */
 #define GH_CARVE_GUARDS_DONE 1   /* gh_efence_ready_carve: the caller faulted the guards */
 
@@ -108,7 +110,8 @@ typedef struct gh_mspan {
     uint8_t   needzero;   /* memory may be dirty: carve writes zero markers   */
     uint8_t   inlist;     /* on its class's nonempty list (h->nonempty[cl])  */
     uint8_t   efence;     /* large span holding an efence object (live or faulted) */
-    uint8_t   pad[2];
+    uint8_t   undropped; /* faulted, pages not dropped yet (gh_mheap.efq_undropped) */
+    uint8_t   pad[1];
     struct gh_mspan *next;  /* nonempty list links, valid while inlist        */
     struct gh_mspan *prev;
 } gh_mspan;
@@ -196,6 +199,17 @@ typedef struct gh_mheap {
     uint64_t  efr_nspans, efr_bytes;
     uint32_t  efq_align;
     int32_t   efq_guard;
+    /* Freed efence spans C faulted but whose pages it has not dropped yet:
+     * PROT_NONE at once (a use after free faults), their pages given back
+     * (MADV_DONTNEED) GH_EFQ_DROP_BATCH at a time, one call per run of
+     * adjacent spans, which a stream of frees mostly is.  Each is on the
+     * quarantine list with undropped set and needzero set; no other span
+     * has undropped set; efq_undropped_bytes adds them up and stays below
+     * GH_EFQ_DROP_BYTES.  Leaving the quarantine takes a span off. */
+    gh_mspan *efq_undropped[GH_EFQ_DROP_BATCH];
+    uint32_t  efq_nundropped;
+    uint32_t  efq_pad;
+    uint64_t  efq_undropped_bytes;
 } gh_mheap;
 
 
@@ -268,6 +282,9 @@ int gh_efence_q_push(gh_mheap *h, gh_mspan *s);
 int gh_efence_q_oldest(gh_mheap *h, uintptr_t npages, uintptr_t *out);
 int gh_efence_q_unlink(gh_mheap *h, gh_mspan *s);
 int gh_efence_q_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n);
+/* gh_efence_q_drop: give back now the pages of every faulted span C has
+ * not dropped yet (scavenge; *n: how many spans). */
+int gh_efence_q_drop(gh_mheap *h, uintptr_t *n);
 /* Ready spans: gh_efence_ready_put adds s (IN_USE, efence, ref 0, data of
  * 1..GH_EFR_LISTS units, else GH_EARG); gh_efence_ready_take: *out = one
  * span of units data units (0: any), unlisted, or 0; gh_efence_ready_list:

@@ -851,6 +851,7 @@ class Heap:
             ef = self._efence or self._sampler
             if ef is not None:
                 ef.flush_ready()  # their pages, Ready, would stay resident
+                _native.efence_q_drop(self._c)  # freed spans C faulted, pages not dropped yet
             released = self._h.scavenge_locked(math.inf, 0.0)
             self._h.spanalloc.compact()
             return released

@@ -125,6 +125,7 @@ class MSpan:
         c.incache = 0
         c.needzero = 0
         c.inlist = 0
+        c.undropped = 0
         c.next = c.prev = _native.NULL_SPAN
         self.released = []
         self.unusedsince = 0.0

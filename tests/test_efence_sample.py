@@ -14,7 +14,7 @@ import ctypes
 import threading
 
 import pytest
-from osview import died_of_fault, mappings, run_child
+from osview import died_of_fault, mappings, resident, run_child
 from pycalls import goheap_python_calls
 
 import goheap
@@ -572,3 +572,65 @@ assert h._h.mem.calls == calls and h._sampler.reused == 4
 """)
         assert died_of_fault(proc), proc
         assert f"goheap: {kind} at" in proc.stderr, proc.stderr
+
+
+# ---- pages of freed spans dropped in batches (gh_mheap.efq_undropped) -------------------
+
+
+def test_efence_sample_freed_span_faults_at_once_and_its_pages_go_in_a_batch():
+    """C faults a freed span at once and gives its pages back with the next
+    few frees' (one madvise per run of adjacent spans): never more than
+    GH_EFQ_DROP_BATCH spans wait, and scavenge() drops them at once."""
+    batch = _native.lib.GH_EFQ_DROP_BATCH
+    with new_heap(efence_sample=1) as h:
+        first = None
+        for i in range(batch + 1):
+            p = h.malloc(3000)
+            h.view(p)[:] = b"\xab" * h.usable_size(p)  # resident now
+            s = h._h.lookup(p)
+            h.free(p)
+            assert Maps().faulted(s.start, s.end)  # PROT_NONE at the free itself
+            if first is None:
+                first = s
+                assert resident(s.start, s.nbytes) > 0  # not dropped yet
+                assert first.start in {t.start for t in h._sampler.faulted_spans()}
+            assert int(h._c.efq_nundropped) == (i % batch) + 1
+            h.check()
+        # The batch went in one go when it was full: the first span's pages too.
+        assert resident(first.start, first.nbytes) == 0
+        s = h._h.lookup(p)
+        assert resident(s.start, s.nbytes) > 0 and int(h._c.efq_nundropped) == 1
+        h.scavenge()
+        assert resident(s.start, s.nbytes) == 0 and int(h._c.efq_nundropped) == 0
+        h.check()
+
+
+def test_efence_sample_undropped_span_reused_reads_zero():
+    """A span reused before its pages were dropped is cleared, not read stale."""
+    with full_sampling_heap(bound=4) as h:
+        seen = set()
+        for _ in range(12):
+            p = h.malloc(64)
+            assert bytes(h.view(p)) == bytes(64)
+            h.view(p)[:] = b"\xcd" * 64
+            seen.add(h._h.lookup(p).start)
+            h.free(p)
+        assert len(seen) == 4  # the quarantine's spans, in turn
+        assert int(h._c.efq_nundropped) > 0
+        h.check()
+
+
+def test_efence_sample_check_reads_the_undropped_spans():
+    with full_sampling_heap(bound=4) as h:
+        c = h._c
+        assert int(c.efq_nundropped) > 0
+        c.efq_nundropped -= 1
+        with pytest.raises(goheap.HeapCorruption, match="quarantine"):
+            h.check()
+        c.efq_nundropped += 1
+        s = h._sampler.faulted_spans()[0]
+        s._c.undropped ^= 1  # one span more (or fewer) than the array holds
+        with pytest.raises(goheap.HeapCorruption, match="quarantine"):
+            h.check()
+        s._c.undropped ^= 1
+        h.check()
