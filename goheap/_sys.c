@@ -812,8 +812,9 @@ static inline void count_live(gh_mheap *h, uintptr_t n)
 /* ------------------------------------------------------------------------
  * The efence quarantine (invariants in _sys.h, at gh_mheap.efq_head)
  *
- * A sampled object's malloc+free is three system calls when it stays here
- * (map the data pages, fault them, drop them) and two Python slow paths
+ * A sampled object's malloc+free is two system calls when it stays here
+ * (map the data pages, fault them; dropping them is shared with the next
+ * few frees, efq_drop_all) and two Python slow paths
  * when it does not; so the steady state of a full quarantine, where each
  * free faults a span and the next sampled malloc of that page count takes
  * the oldest one back, is C's.  Anything else (a quarantine over its bound,

@@ -53,15 +53,20 @@ C's part (the steady state makes no Python call).  The quarantine's books
 are C's (gh_mheap.efq_*: one FIFO list of the FAULTED spans, its totals, the
 bounds Python sets), so free of an efence object faults and lists it in C
 while the quarantine has room, and C takes the oldest span back for a
-sampled malloc once it is full (a sampled pair: three system calls).  Fresh
-spans come from the page heap, which is Python's, so a miss makes a batch
-of ``ready_batch`` *ready* spans of the length asked for (guards faulted,
-data pages untouched) that C hands out without a system call, to every
-malloc of an efence heap and to sampled ones (GWP-ASan's free slots).
-Python still decides everything else: retiring spans past a bound, growth,
-``scavenge`` (ready spans go back to the page heap), ``check``.  While the
-OS layer injects failures or traces calls (``SysMemory.c_hooked``) C makes
-no efence system call, so each one is seen there.
+sampled malloc once it is full.  A free makes its span PROT_NONE at once;
+its pages are dropped (MADV_DONTNEED) with the next few frees', one call per
+run of adjacent spans, so a sampled pair costs two system calls: map the
+data again, fault it.  Fresh spans come from the page heap, which is
+Python's, so a miss makes a batch of ``ready_batch`` *ready* spans of the
+length asked for: Python takes one page-heap span and the span structs, and
+C cuts it, faults the guards and lists the pieces (gh_efence_ready_carve)
+that it hands out without a system call, to every malloc of an efence heap
+and to sampled ones (GWP-ASan's free slots).  Python still decides
+everything else: retiring spans past a bound, growth, ``scavenge`` (ready
+spans go back to the page heap, undropped pages are dropped), ``check``.
+While the OS layer injects failures or traces calls (``SysMemory.c_hooked``)
+C makes no efence system call, so each one is seen there (and an object's
+own span comes before its batch, so a failure surfaces in its malloc).
 A sample that cannot be had (the kernel's
 mappings or the arena ran out) is lost and the normal path serves the
 allocation, as GWP-ASan does when its pool is full.
@@ -200,7 +205,7 @@ class EFence:
         # object and, with reuse, hand a full quarantine's oldest span of the
         # size asked for to the next sampled object (GWP-ASan reuses a freed
         # slot) without Python: in the steady state a sampled malloc+free is
-        # three system calls and no Python.  Python sets the bounds and
+        # two system calls and no Python.  Python sets the bounds and
         # retires spans past them; C marks each efence span (gh_mspan.efence)
         # so its free knows one.
         self.reuse = reuse
