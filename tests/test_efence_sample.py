@@ -581,13 +581,16 @@ def test_efence_sample_freed_span_faults_at_once_and_its_pages_go_in_a_batch():
     """C faults a freed span at once and gives its pages back with the next
     few frees' (one madvise per run of adjacent spans): never more than
     GH_EFQ_DROP_BATCH spans wait, and scavenge() drops them at once."""
-    batch = _native.lib.GH_EFQ_DROP_BATCH
+    span_bytes = 2 * EFENCE_UNIT  # a 3000-byte object's: one unit of data, one of guard
+    # Spans wait until GH_EFQ_DROP_BATCH of them, or GH_EFQ_DROP_BYTES, would.
+    batch = min(_native.lib.GH_EFQ_DROP_BATCH, (_native.lib.GH_EFQ_DROP_BYTES - 1) // span_bytes)
     with new_heap(efence_sample=1) as h:
         first = None
         for i in range(batch + 1):
             p = h.malloc(3000)
             h.view(p)[:] = b"\xab" * h.usable_size(p)  # resident now
             s = h._h.lookup(p)
+            assert s.nbytes == span_bytes
             h.free(p)
             assert Maps().faulted(s.start, s.end)  # PROT_NONE at the free itself
             if first is None:
