@@ -278,7 +278,8 @@ class EFence:
             return
         made = 0
         try:
-            s = h.alloc_span_aligned_locked((span_bytes >> PAGE_SHIFT) * n, unit)
+            npages = (span_bytes >> PAGE_SHIFT) * n
+            s = h.alloc_span_aligned_locked(npages, unit, grow_ahead=READY_GROW_AHEAD * npages)
         except (OSError, MemoryError):
             s = None
         if s is not None:
@@ -638,6 +639,9 @@ _GUARD_CODES = {
 # Their pages are address space until used (only pages an earlier user
 # dirtied are resident), and scavenge() gives them back.
 READY_BATCH_BYTES = 1 << 20
+# When a batch makes the heap grow, it grows by this many batches (address
+# space, mapped untouched): a grow costs as much Python as the batch itself.
+READY_GROW_AHEAD = 4
 READY_BATCH_MIN = 16
 READY_BATCH_MAX = 64
 

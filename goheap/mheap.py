@@ -530,9 +530,11 @@ class MHeap:
 
     # ---- alloc -----------------------------------------------------------------------
 
-    def alloc_span_locked(self, npage: int) -> MSpan:
+    def alloc_span_locked(self, npage: int, grow_ahead: int = 0) -> MSpan:
         """MHeap_AllocLocked: an IN_USE span of exactly npage pages, every page
-        mapped to it in the spans table, sizeclass 0.  Raises OutOfMemory."""
+        mapped to it in the spans table, sizeclass 0.  Raises OutOfMemory.
+        grow_ahead: if the heap must grow, by at least this many pages (a
+        caller that will come back for more, as efence's batches do)."""
         if npage <= 0:
             throw(f"alloc_span_locked: npage {npage}")
         self._maybe_scavenge()
@@ -548,7 +550,12 @@ class MHeap:
             self.flush_lcache_locked()
             s = self._find(npage)
         if s is None:
-            self.grow(npage)
+            try:
+                self.grow(max(npage, grow_ahead))
+            except OutOfMemory:
+                if grow_ahead <= npage:
+                    raise
+                self.grow(npage)  # the arena's end is near: just what was asked
             # goheap: Go searched only freelarge again, missing a small grow.
             s = self._find(npage)
             if s is None:
@@ -570,14 +577,14 @@ class MHeap:
         except (OutOfMemory, OSError):
             pass
 
-    def alloc_span_aligned_locked(self, npage: int, align: int) -> MSpan:
+    def alloc_span_aligned_locked(self, npage: int, align: int, grow_ahead: int = 0) -> MSpan:
         """An IN_USE span of npage pages whose start is a multiple of ``align``
         bytes (a power of two >= PAGE_SIZE): efence spans must start on an OS
         page.  Over-allocate, then give the misaligned head and the tail back."""
         if align <= PAGE_SIZE:
-            return self.alloc_span_locked(npage)
+            return self.alloc_span_locked(npage, grow_ahead)
         extra = align // PAGE_SIZE - 1
-        s = self.alloc_span_locked(npage + extra)
+        s = self.alloc_span_locked(npage + extra, grow_ahead)
         head = (round_up(s.start, align) - s.start) >> PAGE_SHIFT
         tail = s.npages - npage - head
         if head:

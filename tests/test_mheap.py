@@ -418,6 +418,25 @@ def test_mheap_grow_is_at_least_1mib_and_search_reruns(heap):
         h.check_locked()
 
 
+def test_mheap_grow_ahead_grows_further_or_just_enough_near_the_end(os_page):
+    h = MHeap(mem.SysMemory(page_size=os_page), arena_size=16 * MiB)
+    with h.lock:
+        s = h.alloc_span_locked(1, grow_ahead=(4 * MiB) >> PAGE_SHIFT)
+        assert h.arena_used - h.arena_start == 4 * MiB  # one grow serves what comes next
+        t = h.alloc_span_locked(128, grow_ahead=(4 * MiB) >> PAGE_SHIFT)
+        assert h.arena_used - h.arena_start == 4 * MiB  # no grow: it fit
+        # Near the end the arena cannot grow ahead; it grows by what is asked.
+        left = (h.arena_end - h.arena_used) >> PAGE_SHIFT
+        used = h.arena_used
+        u = h.alloc_span_locked(left // 2, grow_ahead=4 * left)
+        assert u.npages == left // 2
+        assert h.arena_used - used < (h.arena_end - used) // 2 + 2 * MiB  # not ahead
+        for x in (s, t, u):
+            h.free_span_locked(x)
+        h.check_locked()
+        h.close_locked()
+
+
 def test_mheap_spans_table_lives_in_real_memory_readable_from_c():
     with goheap.Heap(arena_size=64 * MiB) as h:
         p = h.malloc(100_000)
