@@ -339,8 +339,19 @@ class LifetimeMachine(RuleBasedStateMachine):
     Model: every object we can still reach has a fill byte; after each step each
     reachable one still holds it (memory stays mapped and unshared), and an open heap
     passes check() with the stats agreeing.  After close(), the exports stay usable and
-    everything else says HeapClosed; at teardown, with every export dropped, nothing
-    of any heap this machine made stays mapped.
+    everything else says HeapClosed.  A closed heap's memory goes with its arena
+    owner: after the step in which the owner went, its reservations are unmapped;
+    at teardown, with every export dropped, no owner is left.
+
+    Why not "at teardown nothing of any heap is mapped": the kernel hands a freed
+    range to the next mmap that fits.  A closed heap's span-struct chunks (64 KiB,
+    placed among everyone's mappings) were taken by the second thread's stack, by
+    Python's or ASan's own memory (a close, then a thread and a few NumPy arrays:
+    a chunk's range was mapped again in 4 rounds of 200 natively, 28 of 200 under
+    ASan), and a reservation by the next heap, which asks for the same hint
+    address.  So the fuzzer judges reservations only, as soon as their owner goes,
+    and not where another heap of this machine maps now; the chunks go in the same
+    ArenaOwner.unmap, which the tests above judge with nothing in between.
 
     Rules draw indices, never a Block, an array or an address: what Hypothesis
     prints (every draw, in a failure's final run) it keeps until after teardown,
@@ -351,7 +362,8 @@ class LifetimeMachine(RuleBasedStateMachine):
         super().__init__()
         self.fill = 0
         self.heaps: list[goheap.Heap] = []
-        self.ranges: list[tuple[int, int]] = []
+        # closed heaps whose memory has not gone yet: (their owner, their reservations)
+        self.closing: list[tuple[weakref.ref[Any], list[tuple[int, int]]]] = []
         self.raw: dict[int, tuple[int, int]] = {}  # open heap: v -> (size, fill)
         self.blocks: list[tuple[goheap.Block, int]] = []
         self.exports: list[tuple[memoryview, int, goheap.Block]] = []  # memoryview(block)
@@ -373,8 +385,15 @@ class LifetimeMachine(RuleBasedStateMachine):
         self.heaps.append(goheap.Heap(arena_size=1 << 28))
         self.raw = {}
 
-    def note_ranges(self, h: goheap.Heap) -> None:
-        self.ranges += heap_ranges(h)
+    def note_closing(self, h: goheap.Heap) -> None:
+        """Before h closes: its owner and its reservations (a copy: the list
+        empties when the owner unmaps them)."""
+        self.closing.append((weakref.ref(h._h.owner), list(h._h.reservations)))
+
+    def goheap_maps_now(self) -> list[tuple[int, int]]:
+        """The reservations of this machine's heaps that are open or whose owner lives."""
+        live = [r for h in self.heaps if not h._closed for r in h._h.reservations]
+        return live + [r for owner, rs in self.closing if owner() is not None for r in rs]
 
     def drop_views_of(self, v: int) -> None:
         self.views = [t for t in self.views if t[2] != v]
@@ -524,7 +543,7 @@ class LifetimeMachine(RuleBasedStateMachine):
     def close(self) -> None:
         h = self.h
         if not h._closed:
-            self.note_ranges(h)
+            self.note_closing(h)
         h.close()
         self.raw = {}  # addresses of a closed heap: nothing to free, views stay valid
         for call in (lambda: h.malloc(8), lambda: h.free(8), h.check, h.stats):
@@ -556,15 +575,29 @@ class LifetimeMachine(RuleBasedStateMachine):
         if not self.h._closed:
             self.h.check()
 
+    @invariant()
+    def a_closed_heap_whose_owner_went_is_unmapped(self) -> None:
+        gone = [rs for owner, rs in self.closing if owner() is None]
+        self.closing = [(owner, rs) for owner, rs in self.closing if owner() is not None]
+        live = self.goheap_maps_now()
+        for rs in gone:
+            mine = [(v, n) for v, n in rs if not any(v < w + m and w < v + n for w, m in live)]
+            assert unmapped(mine), "a closed heap's owner went, its reservation stayed mapped"
+
     def teardown(self) -> None:
         for h in self.heaps:
             if not h._closed:
-                self.note_ranges(h)
+                self.note_closing(h)
                 h.close()
         self.raw, self.blocks, self.exports, self.arrays, self.views = {}, [], [], [], []
         self.heaps = []
+        self.a_closed_heap_whose_owner_went_is_unmapped()  # went with their last export
         gc.collect()
-        assert unmapped(self.ranges), "a closed heap stayed mapped with no export alive"
+        kept = [owner() for owner, _ in self.closing if owner() is not None]
+        assert not kept, (
+            f"no export is alive, yet a closed heap's owner is: {gc.get_referrers(*kept)}"
+        )
+        self.a_closed_heap_whose_owner_went_is_unmapped()  # freed by the collector
 
 
 # Programs the fuzzer found, replayed every run as Hypothesis ran them (a "data"
@@ -575,6 +608,10 @@ class LifetimeMachine(RuleBasedStateMachine):
 #   in the run's pretty-printer table, which lives until after teardown, and
 #   export_block drew the Block itself: Hypothesis held a live Block, so its
 #   memory stayed mapped, as the contract says.  The rules now draw indices.
+#   The shrinker most likely got there through runs that failed for a second
+#   reason of the test's own: a closed heap's freed range mapped again by
+#   something else (the second thread's stack, ASan), which teardown took for
+#   the heap (LifetimeMachine now judges a range when its owner goes).
 #   Replayed without Hypothesis the program always passed (goheap was right);
 #   test_lifetime_fuzz_printing_every_draw_holds_no_heap_object is the test that
 #   failed on the old rules.
@@ -639,6 +676,7 @@ def replay(program: list[tuple[str, dict[str, Any]]]) -> None:
     def invariants() -> None:
         m.everything_reachable_holds_its_bytes()
         m.open_heap_checks()
+        m.a_closed_heap_whose_owner_went_is_unmapped()
 
     invariants()
     for rule_name, kw in program:
