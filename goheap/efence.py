@@ -286,17 +286,16 @@ class EFence:
             if self._c_may_call():
                 made, _ = _native.efence_ready_carve(c, s._c, units, n, spares)
             else:
-                made = self._carve_seen(s, units, n, spares)
+                made = self._carve_seen(s, units, span_bytes, n, spares)
             if made < n:
                 h.free_span_locked(s)  # the rest, plain Ready memory as it came
         for addr in spares[made:]:
             h.spanalloc.free(MSpan(addr))
 
-    def _carve_seen(self, s: MSpan, units: int, n: int, spares: list[int]) -> int:
+    def _carve_seen(self, s: MSpan, units: int, span_bytes: int, n: int, spares: list[int]) -> int:
         """refill's cut while the OS layer injects or traces calls: the
-        guards are faulted here, top piece first as C does, so each call is
-        seen there; C cuts as many pieces as got their guard."""
-        span_bytes = units * self.unit + (self.unit if self.guard != "none" else 0)
+        guards are faulted here, top piece (of span_bytes) first as C does,
+        so each call is seen there; C cuts as many pieces as got their guard."""
         done = 0
         top = s.end
         if self.guard != "none":
