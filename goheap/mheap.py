@@ -427,6 +427,22 @@ class MHeap:
             return None
         p_end = p + p_size
         v = round_up(p, self.align)
+        if v >= self.arena_used:
+            # Metadata first: if its map fails, no book has moved and the
+            # region goes back (kept as a reservation if even that fails).
+            old_used = self.arena_used
+            try:
+                self._extend_used(v + n)
+            except BaseException:
+                try:
+                    self.mem.sys_free(p, p_size, "other_sys")
+                except (OSError, OutOfMemory):
+                    self.reservations.append((p, p_size))
+                    self.slack_sys += p_size  # still charged to other_sys
+                raise
+            self._add_hole(old_used, v)
+        else:
+            self._fill_hole(v, v + n)
         self.reservations.append((p, p_size))
         # The heap uses [v, v+n); the slack stays charged to other_sys so that
         # heap_sys == heap_idle + heap_inuse keeps holding.
@@ -434,11 +450,6 @@ class MHeap:
         self.mem.stats["heap_sys"] += n
         self.heap_sys += n
         self.slack_sys += p_size - n
-        if v >= self.arena_used:
-            self._add_hole(self.arena_used, v)
-            self._extend_used(v + n)
-        else:
-            self._fill_hole(v, v + n)
         self.arena_end = max(self.arena_end, p_end)
         if v & (PAGE_SIZE - 1):
             throw(f"misrounded allocation in MHeap_SysAlloc: {v:#x}")

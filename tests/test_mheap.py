@@ -8,7 +8,7 @@ import itertools
 import time
 
 import pytest
-from osview import heap_resident, perms_over, real_accounting, resident
+from osview import heap_resident, is_mapped, perms_over, real_accounting, resident
 
 import goheap
 from goheap import _native, mem
@@ -259,6 +259,7 @@ class Window32(mem.SysMemory):
         v = super().sys_reserve(self.alloc_at + off, n, exact=True)
         super().sys_map(v, n, stat)
         self.alloc_at = None
+        self.alloc_at_placed, self.alloc_n = v, n
         return v
 
 
@@ -323,6 +324,39 @@ def test_mheap_32bit_failed_reservation_changes_nothing(window32):
     m.clear_injections()
     s = h.alloc_span_locked((64 * MiB) >> PAGE_SHIFT)
     assert s.npages == (64 * MiB) >> PAGE_SHIFT
+    h.check_locked()
+
+
+@pytest.mark.parametrize("give_back_fails", [False, True])
+def test_mheap_32bit_anywhere_with_a_failed_metadata_map_changes_no_books(
+    window32, give_back_fails
+):
+    """The last resort's region is mapped, then its bitmap map fails: heap_sys,
+    the holes and arena_used stay as they were (CI found heap_sys 64 KiB ahead
+    of heap_idle + heap_inuse after such a failure).  The region goes back to
+    the OS, or stays a reservation of the heap's if that fails too."""
+    m, h = window32
+    end0 = h.arena_end
+    books = (h.heap_sys, h.mem.stats["heap_sys"], h.arena_used, list(h.holes))
+    m.place = -(h.arena_start + MAX_ARENA32)  # the reservation lands outside: freed
+    m.alloc_at = end0 + 32 * MiB  # the last resort lands inside the window
+    m.inject("map", nth=2)  # 1: Window32's own map of the region; 2: its bitmap
+    if give_back_fails:
+        m.inject("free", nth=2)  # 1: the stray reservation; 2: the region
+    nres = len(h.reservations)
+    with pytest.raises(OutOfMemory):
+        h.alloc_span_locked((12 * MiB) >> PAGE_SHIFT)
+    m.clear_injections()
+    assert len(h.reservations) == nres + give_back_fails
+    region = (m.alloc_at_placed, m.alloc_n)
+    assert is_mapped(*region) == give_back_fails
+    assert (h.heap_sys, h.mem.stats["heap_sys"], h.arena_used, list(h.holes)) == books
+    h.check_locked()
+    if give_back_fails:
+        return  # the kept region now sits where growth at arena_end would go
+    s = h.alloc_span_locked((12 * MiB) >> PAGE_SHIFT)
+    h.check_locked()
+    h.free_span_locked(s)
     h.check_locked()
 
 
