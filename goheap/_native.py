@@ -121,6 +121,17 @@ def sys_free(v: int, n: int, pagesize: int) -> None:
     ensure(lib.ghpy_sys_free(v, n, pagesize), "sys_free", n, v)
 
 
+def guard_regions(on: bool | None = None) -> tuple[bool, bool]:
+    """Whether efence faults with guard markers (Linux 6.13+ MADV_GUARD_INSTALL)
+    instead of mprotect, and whether this kernel has them: (in use, available).
+    ``on`` sets it for the whole process (tests run both ways); asking for
+    markers the kernel lacks is OSError(ENOTSUP)."""
+    on_p = ffi.new("int *")
+    kernel_p = ffi.new("int *")
+    ensure(lib.gh_sys_guards(-1 if on is None else int(on), on_p, kernel_p), "sys_guards")
+    return bool(on_p[0]), bool(kernel_p[0])
+
+
 def install_fault_reporter() -> None:
     """The C SIGSEGV/SIGBUS reporter (efence diagnosis): one "goheap: <kind> at
     0x<address>: ..." line for a fault in a registered heap, then the handler

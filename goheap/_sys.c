@@ -27,6 +27,7 @@
 
 #include <errno.h>
 #include <sched.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
@@ -193,21 +194,135 @@ int gh_sys_used(uintptr_t v, size_t n, size_t pagesize)
     return GH_OK;
 }
 
-/* Ready -> Reserved, for efence: every later touch faults, the address range
- * stays ours, the pages go back to the OS.
- * Success means exactly "the range is inaccessible"; failure means exactly
- * "nothing changed".  mprotect can fail (ENOMEM when splitting the mapping
- * would pass vm.max_map_count) and leaves the range untouched when it does.
- * Dropping the pages comes after and is best effort, as on macOS: madvise
- * refuses locked pages (EINVAL after mlockall(MCL_FUTURE)), and by then the
- * range already faults, so reporting that failure would tell the caller
- * "nothing changed" about memory that no longer answers.  Locked pages stay
- * resident, which is what locking them asked for; the next sys_map of the
- * range (efence's delete_span) replaces them with fresh zero pages. */
-int gh_sys_fault(uintptr_t v, size_t n, size_t pagesize)
+/* Guard markers (Linux 6.13+, MADV_GUARD_INSTALL / MADV_GUARD_REMOVE): a
+ * page-table entry that faults on any touch, installed over a range of an
+ * anonymous private mapping without changing its protection, so the mapping
+ * is not split in two or three as mprotect splits it, and about four times
+ * cheaper here.  Installing one drops the page under it; removing it leaves
+ * a page that reads zero.  A fresh mmap over the range (gh_sys_map) or
+ * munmap takes the markers away with it.  They do not show in
+ * /proc/self/maps; /proc/self/pagemap has a bit for them (6.15+).
+ *
+ * Whether they are used is one process-wide setting: -1 not probed yet,
+ * 0 no (mprotect), 1 yes.  GOHEAP_GUARD_REGIONS=0 says no.  Every span C
+ * faults records how (gh_mspan.marked), so flipping the setting (tests do)
+ * never leaves a range that the next unfault would not open again. */
+#if defined(__linux__)
+#ifndef MADV_GUARD_INSTALL
+#define MADV_GUARD_INSTALL 102
+#endif
+#ifndef MADV_GUARD_REMOVE
+#define MADV_GUARD_REMOVE 103
+#endif
+#define GH_HAVE_GUARD_MARKERS 1
+#else
+#define GH_HAVE_GUARD_MARKERS 0
+#endif
+
+static int os_guards = -1;       /* see above */
+static int os_guards_kernel = -1; /* the probe's answer, whatever the setting */
+
+/* Whether this kernel really installs guard markers.  The advice being
+ * accepted is not enough: an emulator (qemu-user) may accept advice it does
+ * not carry out.  So a marked page is handed to write(2), and only the
+ * kernel's own EFAULT on copying from it says yes. */
+static int os_guards_probe(void)
 {
-    if (!os_args_ok(v, n, pagesize, 0))
+#if GH_HAVE_GUARD_MARKERS
+    long ps = sysconf(_SC_PAGESIZE);
+    int fds[2], ok = 0, saved = errno;
+    void *p;
+    if (ps <= 0)
+        return 0;
+    p = mmap(NULL, (size_t)ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return 0;
+    if (madvise(p, (size_t)ps, MADV_GUARD_INSTALL) == 0 && pipe(fds) == 0) {
+        ok = write(fds[1], p, 1) < 0 && errno == EFAULT;
+        close(fds[0]);
+        close(fds[1]);
+    }
+    munmap(p, (size_t)ps);
+    errno = saved;
+    return ok;
+#else
+    return 0;
+#endif
+}
+
+/* Whether C faults with guard markers now (probing once, racing threads
+ * probe alike and store the same answer). */
+static inline int os_guards_on(void)
+{
+    int g = __atomic_load_n(&os_guards, __ATOMIC_RELAXED);
+    const char *env;
+    if (g >= 0)
+        return g;
+    g = os_guards_probe();
+    __atomic_store_n(&os_guards_kernel, g, __ATOMIC_RELAXED);
+    env = getenv("GOHEAP_GUARD_REGIONS");
+    if (env != NULL && env[0] == '0' && env[1] == '\0')
+        g = 0;
+    __atomic_store_n(&os_guards, g, __ATOMIC_RELAXED);
+    return g;
+}
+
+int gh_sys_guards(int set, int *on, int *kernel)
+{
+    (void)os_guards_on();
+    if (set != -1 && set != 0 && set != 1)
         return GH_EARG;
+    if (set == 1 && !__atomic_load_n(&os_guards_kernel, __ATOMIC_RELAXED))
+        return ENOTSUP;
+    if (set != -1)
+        __atomic_store_n(&os_guards, set, __ATOMIC_RELAXED);
+    if (on != NULL)
+        *on = __atomic_load_n(&os_guards, __ATOMIC_RELAXED);
+    if (kernel != NULL)
+        *kernel = __atomic_load_n(&os_guards_kernel, __ATOMIC_RELAXED);
+    return GH_OK;
+}
+
+/* Guard markers over [v, v+n), whole pages checked by the caller: GH_OK, or
+ * an errno with no marker left behind (a failure part way through, ENOMEM
+ * for page tables, has the ones it made taken away again). */
+static int os_guard_install(uintptr_t v, size_t n)
+{
+#if GH_HAVE_GUARD_MARKERS
+    int err;
+    if (madvise((void *)v, n, MADV_GUARD_INSTALL) == 0)
+        return GH_OK;
+    err = errno;
+    (void)madvise((void *)v, n, MADV_GUARD_REMOVE);
+    return err;
+#else
+    (void)v;
+    (void)n;
+    return ENOTSUP;
+#endif
+}
+
+static int os_guard_remove(uintptr_t v, size_t n)
+{
+#if GH_HAVE_GUARD_MARKERS
+    return madvise((void *)v, n, MADV_GUARD_REMOVE) == 0 ? GH_OK : errno;
+#else
+    (void)v;
+    (void)n;
+    return ENOTSUP;
+#endif
+}
+
+/* gh_sys_fault's work, saying how: *marked = 1 for guard markers (the pages
+ * are gone and will read zero), 0 for mprotect (pages dropped best effort).
+ * A refused marker (EINVAL on mlock'ed memory) falls back to mprotect. */
+static int os_fault(uintptr_t v, size_t n, int *marked)
+{
+    *marked = 0;
+    if (os_guards_on() && os_guard_install(v, n) == GH_OK) {
+        *marked = 1;
+        return GH_OK;
+    }
     if (mprotect((void *)v, n, PROT_NONE) != 0)
         return errno;
 #if defined(__APPLE__) && defined(MADV_FREE_REUSABLE)
@@ -216,6 +331,26 @@ int gh_sys_fault(uintptr_t v, size_t n, size_t pagesize)
     (void)madvise((void *)v, n, MADV_DONTNEED);
 #endif
     return GH_OK;
+}
+
+/* Ready -> Reserved, for efence: every later touch faults, the address range
+ * stays ours, the pages go back to the OS.
+ * Success means exactly "the range is inaccessible"; failure means exactly
+ * "nothing changed".  With guard markers that is one call.  Else mprotect,
+ * which can fail (ENOMEM when splitting the mapping would pass
+ * vm.max_map_count) and leaves the range untouched when it does; dropping
+ * the pages comes after and is best effort, as on macOS: madvise refuses
+ * locked pages (EINVAL after mlockall(MCL_FUTURE)), and by then the range
+ * already faults, so reporting that failure would tell the caller "nothing
+ * changed" about memory that no longer answers.  Locked pages stay
+ * resident, which is what locking them asked for; the next sys_map of the
+ * range (efence's delete_span) replaces them with fresh zero pages. */
+int gh_sys_fault(uintptr_t v, size_t n, size_t pagesize)
+{
+    int marked;
+    if (!os_args_ok(v, n, pagesize, 0))
+        return GH_EARG;
+    return os_fault(v, n, &marked);
 }
 
 /* any -> None. */
@@ -907,17 +1042,24 @@ static inline int efq_c_ok(const gh_mheap *h)
            h->efq_pagesize != 0;
 }
 
-/* Faulted (Reserved) data pages readable and writable again, reading zero.
- * Linux: mprotect, cheaper than the fresh mapping gh_sys_map makes (no
- * mapping torn down and built), and the pages read zero because
- * gh_sys_fault dropped them with MADV_DONTNEED.  Elsewhere dropped pages may
- * keep their bytes (MADV_FREE_REUSABLE), so a fresh mapping it is.  Either
- * way a failure changes nothing. */
-static int efq_map_again(uintptr_t v, size_t n, size_t pagesize)
+/* The data pages [v, v+n) of faulted span s readable and writable again,
+ * reading zero, undoing however they were faulted (s->marked); a failure
+ * changes nothing.  Guard markers: removed, and the pages read zero
+ * because installing them dropped what was there.  mprotect on Linux:
+ * cheaper than the fresh mapping gh_sys_map makes (no mapping torn down and
+ * built), and the pages read zero once dropped with MADV_DONTNEED (needzero
+ * says whether they were).  Elsewhere dropped pages may keep their bytes
+ * (MADV_FREE_REUSABLE), so a fresh mapping it is. */
+static int efq_map_again(const gh_mspan *s, uintptr_t v, size_t n, size_t pagesize)
 {
-#if defined(__linux__)
     if (!os_args_ok(v, n, pagesize, 0))
         return GH_EARG;
+    if (s->marked == GH_FAULT_MARKS)
+        return os_guard_remove(v, n);
+#if defined(__linux__)
+    if (s->marked == GH_FAULT_EITHER && os_guard_remove(v, n) != GH_OK &&
+        __atomic_load_n(&os_guards_kernel, __ATOMIC_RELAXED) == 1)
+        return EAGAIN; /* markers may be there and stay: leave it to Python's sys_map */
     return mprotect((void *)v, n, PROT_READ | PROT_WRITE) == 0 ? GH_OK : errno;
 #else
     return gh_sys_map(v, n, pagesize);
@@ -1011,9 +1153,10 @@ static uintptr_t efence_reuse(gh_mheap *h, uintptr_t size, int zero)
     if (h->efq_nspans < h->efq_max_spans && h->efq_bytes + span_bytes <= h->efq_max_bytes)
         return 0; /* not full: a fresh span keeps the older ones faulted */
     s = efq_oldest(h, span_bytes >> GH_PAGE_SHIFT);
-    if (s == NULL || efq_map_again(s->start, data, h->efq_pagesize) != GH_OK)
+    if (s == NULL || efq_map_again(s, s->start, data, h->efq_pagesize) != GH_OK)
         return 0;
     efq_unlink(h, s);
+    s->marked = GH_FAULT_PROT;
     old = s->base & ~(uintptr_t)(GH_PTR_SIZE - 1);
     bitmap_set(h, old, 0, GH_BIT_BOUNDARY); /* the freed object's start is nothing now */
     h->efence_reused++;
@@ -1049,15 +1192,28 @@ static int efence_free(gh_mheap *h, gh_mspan *s, uintptr_t v)
     if (!efq_c_ok(h) || v != s->base || s->ref != 1 || h->efq_nspans + 1 > h->efq_max_spans ||
         h->efq_bytes + nbytes > h->efq_max_bytes)
         return 0;
-    /* gh_sys_fault in two halves: PROT_NONE now, so that a use after free
-     * faults at once; the pages dropped with the next few (efq_drop_all),
-     * which a stream of frees mostly makes one call for adjacent spans. */
-    if (!os_args_ok(s->start, nbytes, h->efq_pagesize, 0) ||
-        mprotect((void *)s->start, nbytes, PROT_NONE) != 0)
+    if (!os_args_ok(s->start, nbytes, h->efq_pagesize, 0))
+        return 0;
+    /* Guard markers fault the span and drop its pages in one call. */
+    if (os_guards_on() && os_guard_install(s->start, nbytes) == GH_OK) {
+        bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
+        s->ref = 0;
+        s->state = GH_MSPAN_FAULTED;
+        s->marked = GH_FAULT_MARKS;
+        s->needzero = 0;
+        efq_push(h, s);
+        goto freed;
+    }
+    /* Else gh_sys_fault in two halves: PROT_NONE now, so that a use after
+     * free faults at once; the pages dropped with the next few
+     * (efq_drop_all), which a stream of frees mostly makes one call for
+     * adjacent spans. */
+    if (mprotect((void *)s->start, nbytes, PROT_NONE) != 0)
         return 0;
     bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
     s->ref = 0;
     s->state = GH_MSPAN_FAULTED;
+    s->marked = GH_FAULT_PROT;
     efq_push(h, s);
     if (h->efq_nundropped == GH_EFQ_DROP_BATCH ||
         h->efq_undropped_bytes + nbytes >= GH_EFQ_DROP_BYTES)
@@ -1068,6 +1224,7 @@ static int efence_free(gh_mheap *h, gh_mspan *s, uintptr_t v)
     h->efq_undropped_bytes += nbytes;
     if (nbytes >= GH_EFQ_DROP_BYTES)
         efq_drop_all(h); /* a big span goes at once, alone */
+freed:
     h->nlargefree++;
     h->largefree += s->elemsize;
     h->live_bytes -= s->elemsize;
@@ -1085,6 +1242,9 @@ int gh_efence_q_push(gh_mheap *h, gh_mspan *s)
         heap_unlock(h);
         return GH_EARG;
     }
+    /* Its sys_fault used guard markers or mprotect, and did not say which. */
+    s->marked = __atomic_load_n(&os_guards_kernel, __ATOMIC_RELAXED) == 1 ? GH_FAULT_EITHER
+                                                                          : GH_FAULT_PROT;
     efq_push(h, s);
     heap_unlock(h);
     return GH_OK;
@@ -1154,11 +1314,14 @@ int gh_efence_ready_put(gh_mheap *h, gh_mspan *s)
 
 /* Fault the guard unit at g of a span being made ready.  dirty: the span's
  * pages may hold an earlier user's bytes, so they are dropped too (as
- * gh_sys_fault does); pages that read zero came fresh from the OS and were
- * never touched, so mprotect alone is enough and saves a system call. */
+ * gh_sys_fault does, in one call with guard markers); without markers,
+ * pages that read zero came fresh from the OS and were never touched, so
+ * mprotect alone is enough and saves a system call.  The guard is opened
+ * again only by a fresh mapping (efence.py's flush_ready, delete_span), which
+ * undoes either kind. */
 static int ready_guard_fault(uintptr_t g, uintptr_t unit, uintptr_t pagesize, int dirty)
 {
-    if (dirty)
+    if (dirty || os_guards_on())
         return gh_sys_fault(g, unit, pagesize);
     if (!os_args_ok(g, unit, pagesize, 0))
         return GH_EARG;
@@ -1286,6 +1449,7 @@ int gh_efence_ready_carve(gh_mheap *h, gh_mspan *s, uintptr_t units, uintptr_t n
         t->needzero = (uint8_t)dirty;
         t->efence = 1;
         t->undropped = 0;
+        t->marked = GH_FAULT_PROT;
         t->prev = NULL;
         t->next = h->efr[units - 1];
         h->efr[units - 1] = t;
@@ -1377,7 +1541,8 @@ int gh_efence_q_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
         return GH_EARG;
     for (s = h->efq_head; s != NULL; prev = s, s = s->next) {
         if (s->prev != prev || s->state != GH_MSPAN_FAULTED || !s->efence || s->sizeclass != 0 ||
-            i >= h->efq_nspans || (s->undropped && !s->needzero)) {
+            i >= h->efq_nspans || (s->undropped && !s->needzero) ||
+            s->marked > GH_FAULT_EITHER || (s->undropped && s->marked != GH_FAULT_PROT)) {
             st = GH_ECORRUPT;
             break;
         }

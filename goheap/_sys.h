@@ -75,6 +75,11 @@
 #define GH_EFENCE_GUARD_BEFORE 2  /* a faulted unit, then the object */
 #define GH_EFR_LISTS 8            /* ready spans for objects of 1..8 efence units */
 #define GH_EFQ_DROP_BATCH 16      /* faulted spans whose pages C drops in one go */
+/* gh_mspan.marked: how a faulted span's pages were made to fault, so that
+ * opening them again takes the matching call (or both, when unknown). */
+#define GH_FAULT_PROT 0           /* mprotect(PROT_NONE)                       */
+#define GH_FAULT_MARKS 1          /* guard markers: pages gone, read zero after */
+#define GH_FAULT_EITHER 2         /* faulted by Python's sys_fault: one of them */
 #define GH_EFQ_DROP_BYTES (1UL << 20) /* ... or fewer, once they span this many bytes */
 #define GH_EFR_MAX_CARVE 4096    /* spare structs one gh_efence_ready_carve may take */
 #define GH_CARVE_GUARDS_DONE 1   /* gh_efence_ready_carve: the caller faulted the guards */
@@ -111,7 +116,7 @@ typedef struct gh_mspan {
     uint8_t   inlist;     /* on its class's nonempty list (h->nonempty[cl])  */
     uint8_t   efence;     /* large span holding an efence object (live or faulted) */
     uint8_t   undropped; /* faulted, pages not dropped yet (gh_mheap.efq_undropped) */
-    uint8_t   pad[1];
+    uint8_t   marked;    /* faulted with: GH_FAULT_PROT, _MARKS or _EITHER (below) */
     struct gh_mspan *next;  /* nonempty list links, valid while inlist        */
     struct gh_mspan *prev;
 } gh_mspan;
@@ -226,6 +231,10 @@ int gh_sys_unused(uintptr_t v, size_t n, size_t pagesize);        /* Ready -> Pr
 int gh_sys_used(uintptr_t v, size_t n, size_t pagesize);          /* Prepared -> Ready */
 int gh_sys_fault(uintptr_t v, size_t n, size_t pagesize);         /* Ready -> Reserved */
 int gh_sys_free(uintptr_t v, size_t n, size_t pagesize);          /* any -> None */
+/* Whether efence faults with guard markers (MADV_GUARD_INSTALL) rather than
+ * mprotect: set -1 asks, 0 or 1 sets (1: ENOTSUP unless the kernel has them);
+ * *on the setting, *kernel the probe's answer (either may be NULL). */
+int gh_sys_guards(int set, int *on, int *kernel);
 
 /* ---- GC bitmap and spans table -------------------------------------------
  * Addresses must lie in [arena_start, arena_used) of h, else GH_EARG. */

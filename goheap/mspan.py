@@ -126,6 +126,7 @@ class MSpan:
         c.needzero = 0
         c.inlist = 0
         c.undropped = 0
+        c.marked = 0
         c.next = c.prev = _native.NULL_SPAN
         self.released = []
         self.unusedsince = 0.0

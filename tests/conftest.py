@@ -27,7 +27,35 @@ def sysmem():
     return mem.SysMemory()
 
 
+@pytest.fixture
+def mprotect_faults():
+    """efence faults with mprotect for this test, as on kernels before 6.13
+    and on macOS, whatever this kernel has (the setting is process-wide)."""
+    from goheap import _native
+
+    was, _ = _native.guard_regions()
+    _native.guard_regions(False)
+    yield
+    _native.guard_regions(was)
+
+
+@pytest.fixture
+def guard_markers():
+    """efence faults with guard markers (MADV_GUARD_INSTALL) for this test;
+    skipped where the kernel has none."""
+    from goheap import _native
+
+    was, kernel = _native.guard_regions()
+    if not kernel:
+        pytest.skip("no guard markers (MADV_GUARD_INSTALL, Linux 6.13+) here")
+    _native.guard_regions(True)
+    yield
+    _native.guard_regions(was)
+
+
 def pytest_report_header(config):
     from goheap import _native
 
-    return f"goheap: OS page {_native.os_page_size()} bytes"
+    on, kernel = _native.guard_regions()
+    how = "guard markers" if on else "mprotect" + (" (markers off)" if kernel else "")
+    return f"goheap: OS page {_native.os_page_size()} bytes; efence faults with {how}"

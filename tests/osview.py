@@ -36,13 +36,76 @@ class Mapping:
 
 
 def mappings() -> list[Mapping]:
+    """/proc/self/maps, with the guard-marked pages of anonymous mappings split
+    out as "---p" (see guard_runs): a page that faults on every touch is
+    PROT_NONE to every test, however the kernel was told."""
     out = []
+    markers = _markers_possible()
     with open("/proc/self/maps") as f:
         for line in f:
-            rng, perms = line.split()[:2]
+            fields = line.split()
+            rng, perms = fields[:2]
             lo, hi = (int(x, 16) for x in rng.split("-"))
-            out.append(Mapping(lo, hi, perms))
+            anon = len(fields) < 6 or fields[5].startswith("[")
+            if markers and anon and perms != "---p" and hi - lo <= _GUARD_SCAN_MAX:
+                pos = lo
+                for a, b in guard_runs(lo, hi):
+                    if a > pos:
+                        out.append(Mapping(pos, a, perms))
+                    out.append(Mapping(a, b, "---p"))
+                    pos = b
+                if pos < hi:
+                    out.append(Mapping(pos, hi, perms))
+            else:
+                out.append(Mapping(lo, hi, perms))
     return out
+
+
+# Guard markers (Linux 6.13+ MADV_GUARD_INSTALL, what goheap's efence uses
+# where the kernel has them) fault like PROT_NONE but leave the mapping's
+# protection alone, so /proc/self/maps does not show them; /proc/self/pagemap
+# has a bit per page (6.15+).  Mappings larger than _GUARD_SCAN_MAX are not
+# scanned (ASan's shadow is terabytes of read-write mapping).
+PM_GUARD_REGION = 1 << 58
+_GUARD_SCAN_MAX = 8 << 30
+_GUARD_BYTE = 7 if sys.byteorder == "little" else 0  # the byte of a word holding bit 58
+_GUARD_TABLE = bytes(1 if b & (PM_GUARD_REGION >> 56) else 0 for b in range(256))
+
+
+def _kernel_page() -> int:
+    """The kernel's page (AT_PAGESZ): pagemap counts in it, also under the
+    page-size shim, which changes what sysconf says."""
+    with open("/proc/self/auxv", "rb") as f:
+        raw = f.read()
+    words = memoryview(raw).cast("L")
+    for i in range(0, len(words) - 1, 2):
+        if words[i] == 6:  # AT_PAGESZ
+            return int(words[i + 1])
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+def _markers_possible() -> bool:
+    from goheap import _native
+
+    return _native.guard_regions()[1]
+
+
+def guard_runs(lo: int, hi: int) -> list[tuple[int, int]]:
+    """The runs of guard-marked pages in [lo, hi), from /proc/self/pagemap."""
+    page = _kernel_page()
+    lo, hi = lo - lo % page, hi
+    n = -(-(hi - lo) // page)
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(lo // page * 8)
+        raw = f.read(n * 8)
+    flags = raw[_GUARD_BYTE::8].translate(_GUARD_TABLE)
+    runs, i = [], flags.find(1)
+    while i >= 0:
+        j = flags.find(0, i)
+        j = len(flags) if j < 0 else j
+        runs.append((lo + i * page, min(lo + j * page, hi)))
+        i = flags.find(1, j)
+    return runs
 
 
 def perms_over(v: int, n: int) -> set[str]:

@@ -14,7 +14,7 @@ import ctypes
 import threading
 
 import pytest
-from osview import died_of_fault, mappings, resident, run_child
+from osview import died_of_fault, guard_runs, mappings, resident, run_child
 from pycalls import goheap_python_calls
 
 import goheap
@@ -575,9 +575,10 @@ assert h._h.mem.calls == calls and h._sampler.reused == 4
 
 
 # ---- pages of freed spans dropped in batches (gh_mheap.efq_undropped) -------------------
+# With mprotect (kernels before 6.13, macOS); guard markers drop at once (below).
 
 
-def test_efence_sample_freed_span_faults_at_once_and_its_pages_go_in_a_batch():
+def test_efence_sample_freed_span_faults_at_once_and_its_pages_go_in_a_batch(mprotect_faults):
     """C faults a freed span at once and gives its pages back with the next
     few frees' (one madvise per run of adjacent spans): never more than
     GH_EFQ_DROP_BATCH spans wait, and scavenge() drops them at once."""
@@ -608,7 +609,7 @@ def test_efence_sample_freed_span_faults_at_once_and_its_pages_go_in_a_batch():
         h.check()
 
 
-def test_efence_sample_undropped_span_reused_reads_zero():
+def test_efence_sample_undropped_span_reused_reads_zero(mprotect_faults):
     """A span reused before its pages were dropped is cleared, not read stale."""
     with full_sampling_heap(bound=4) as h:
         seen = set()
@@ -623,7 +624,7 @@ def test_efence_sample_undropped_span_reused_reads_zero():
         h.check()
 
 
-def test_efence_sample_check_reads_the_undropped_spans():
+def test_efence_sample_check_reads_the_undropped_spans(mprotect_faults):
     with full_sampling_heap(bound=4) as h:
         c = h._c
         assert int(c.efq_nundropped) > 0
@@ -636,4 +637,79 @@ def test_efence_sample_check_reads_the_undropped_spans():
         with pytest.raises(goheap.HeapCorruption, match="quarantine"):
             h.check()
         s._c.undropped ^= 1
+        h.check()
+
+
+# ---- guard markers (MADV_GUARD_INSTALL, Linux 6.13+) ------------------------------------
+
+
+def test_efence_sample_guard_markers_fault_and_drop_at_the_free(guard_markers):
+    """With guard markers a C free is one call: the span faults at once, its
+    pages are gone at once (none wait in efq_undropped), the mapping is not
+    split, and the books say how it was faulted."""
+    with new_heap(efence_sample=1) as h:
+        ps = [h.malloc(3000) for _ in range(40)]
+        for p in ps:
+            h.view(p)[:] = b"\xab" * h.usable_size(p)
+        nmaps = efence.mapping_count()
+        for p in ps[::2]:  # a checkerboard: mprotect would make 40 mappings more
+            s = h._h.lookup(p)
+            h.free(p)
+            assert Maps().faulted(s.start, s.end)
+            assert guard_runs(s.start, s.end) == [(s.start, s.end)]  # markers, not PROT_NONE
+            assert resident(s.start, s.nbytes) == 0
+            assert int(h._c.efq_nundropped) == 0
+            assert s._c.marked == _native.lib.GH_FAULT_MARKS
+        assert efence.mapping_count() - nmaps < 5
+        h.check()
+
+
+def test_efence_sample_guard_markers_reused_span_reads_zero_guard_kept(guard_markers):
+    """The quarantine's oldest span, opened again in C: its data pages read
+    zero with no marker left, the guard after them keeps its marker."""
+    with full_sampling_heap(bound=4) as h:
+        for _ in range(8):
+            p = h.malloc(64)
+            s = h._h.lookup(p)
+            assert bytes(h.view(p)) == bytes(64)
+            g = h._sampler.guard_of(s)
+            assert guard_runs(s.start, s.end) == [(g[0], g[0] + g[1])]
+            assert Maps().guarded(p, h.usable_size(p))
+            h.view(p)[:] = b"\xcd" * 64
+            h.free(p)
+        assert int(h._c.efence_reused) > 0
+        h.check()
+
+
+def test_efence_sample_spans_faulted_either_way_open_again(guard_markers):
+    """The setting is process-wide and may change under a full quarantine:
+    each span records how it was faulted (C's frees under markers, then under
+    mprotect, and Python's sys_fault while traced), and C opens each its way."""
+    with full_sampling_heap(bound=6) as h:
+        _native.guard_regions(False)
+        for _ in range(3):
+            h.free(h.malloc(64))  # C reuses a marked span, faults it with mprotect
+        h._h.mem.trace = []  # traced: Python faults, C is told "either"
+        for _ in range(3):
+            h.free(h.malloc(64))
+        h._h.mem.trace = None
+        kinds = {int(s._c.marked) for s in h._sampler.faulted_spans()}
+        assert kinds == {_native.lib.GH_FAULT_PROT, _native.lib.GH_FAULT_EITHER}, kinds
+        _native.guard_regions(True)
+        for _ in range(12):
+            p = h.malloc(64)
+            assert bytes(h.view(p)) == bytes(64)  # opened, whatever faulted it
+            h.view(p)[:] = b"\xee" * 64
+            h.free(p)
+            h.check()
+
+
+def test_efence_sample_check_refuses_a_marked_span_waiting_for_a_drop(guard_markers):
+    with full_sampling_heap(bound=4) as h:
+        s = h._sampler.faulted_spans()[0]
+        assert s._c.marked == _native.lib.GH_FAULT_MARKS and not s._c.undropped
+        s._c.marked = 7
+        with pytest.raises(goheap.HeapCorruption, match="quarantine"):
+            h.check()
+        s._c.marked = _native.lib.GH_FAULT_MARKS
         h.check()
