@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import signal
 import subprocess
@@ -42,22 +43,23 @@ def mappings() -> list[Mapping]:
     out = []
     markers = _markers_possible()
     with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split()
-            rng, perms = fields[:2]
-            lo, hi = (int(x, 16) for x in rng.split("-"))
-            anon = len(fields) < 6 or fields[5].startswith("[")
-            if markers and anon and perms != "---p" and hi - lo <= _GUARD_SCAN_MAX:
-                pos = lo
-                for a, b in guard_runs(lo, hi):
-                    if a > pos:
-                        out.append(Mapping(pos, a, perms))
-                    out.append(Mapping(a, b, "---p"))
-                    pos = b
-                if pos < hi:
-                    out.append(Mapping(pos, hi, perms))
-            else:
-                out.append(Mapping(lo, hi, perms))
+        lines = list(f)  # all of it first: scanning pagemap below allocates
+    for line in lines:
+        fields = line.split()
+        rng, perms = fields[:2]
+        lo, hi = (int(x, 16) for x in rng.split("-"))
+        anon = len(fields) < 6 or fields[5].startswith("[")
+        if markers and anon and perms != "---p" and hi - lo <= _GUARD_SCAN_MAX:
+            pos = lo
+            for a, b in guard_runs(lo, hi):
+                if a > pos:
+                    out.append(Mapping(pos, a, perms))
+                out.append(Mapping(a, b, "---p"))
+                pos = b
+            if pos < hi:
+                out.append(Mapping(pos, hi, perms))
+        else:
+            out.append(Mapping(lo, hi, perms))
     return out
 
 
@@ -84,6 +86,7 @@ def _kernel_page() -> int:
     return os.sysconf("SC_PAGE_SIZE")
 
 
+@functools.cache
 def _markers_possible() -> bool:
     from goheap import _native
 
@@ -95,10 +98,14 @@ def guard_runs(lo: int, hi: int) -> list[tuple[int, int]]:
     page = _kernel_page()
     lo, hi = lo - lo % page, hi
     n = -(-(hi - lo) // page)
-    with open("/proc/self/pagemap", "rb") as f:
+    flags = bytearray()
+    with open("/proc/self/pagemap", "rb", buffering=0) as f:
         f.seek(lo // page * 8)
-        raw = f.read(n * 8)
-    flags = raw[_GUARD_BYTE::8].translate(_GUARD_TABLE)
+        while len(flags) < n:  # in pieces: no big buffer mapped mid-test
+            raw = f.read(min(n - len(flags), 8192) * 8)
+            if not raw:
+                break
+            flags += raw[_GUARD_BYTE::8].translate(_GUARD_TABLE)
     runs, i = [], flags.find(1)
     while i >= 0:
         j = flags.find(0, i)
