@@ -97,6 +97,7 @@ every live object stays clear of its guard; every ready span is on its list.  Th
 from __future__ import annotations
 
 import re
+import struct
 from typing import Any
 
 from goheap import _native
@@ -104,6 +105,9 @@ from goheap.errors import HeapCorruption, OutOfMemory
 from goheap.mheap import MHeap, round_up
 from goheap.mspan import MSpan, SpanState
 from goheap.sizeclasses import PAGE_SHIFT
+
+_WORDS = struct.Struct("=Q")
+_AUXV = struct.Struct("=QQ")  # goheap is 64-bit only
 
 GUARDS = ("none", "after", "before")
 WORD = 8  # heap word: the bitmap's granularity
@@ -662,6 +666,56 @@ def _position(addr: int, base: int, size: int) -> str:
 
 def _bytes(n: int) -> str:
     return f"{n} byte" if n == 1 else f"{n} bytes"
+
+
+# ---- what the kernel says ------------------------------------------------------------
+
+# /proc/self/pagemap: one 64-bit word per kernel page; bit 58 marks a guard
+# marker (Linux 6.15+), which /proc/self/maps cannot show.
+_PM_GUARD_REGION = 1 << 58
+
+
+def guard_marked(lo: int, hi: int) -> list[tuple[int, int]] | None:
+    """The runs of [lo, hi) that guard markers make fault (what efence's
+    spans are faulted with where the kernel has markers), from
+    /proc/self/pagemap; None where it cannot say (no pagemap, or a kernel
+    that makes no markers)."""
+    if not _native.guard_regions()[1]:
+        return None
+    page = _kernel_page()
+    lo -= lo % page
+    runs: list[tuple[int, int]] = []
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            f.seek(lo // page * 8)
+            v = lo
+            while v < hi:
+                raw = f.read(min(-(-(hi - v) // page), 8192) * 8)
+                if not raw:
+                    break
+                for (word,) in _WORDS.iter_unpack(raw):
+                    if word & _PM_GUARD_REGION:
+                        if runs and runs[-1][1] == v:
+                            runs[-1] = (runs[-1][0], v + page)
+                        else:
+                            runs.append((v, v + page))
+                    v += page
+    except OSError:
+        return None
+    return [(a, min(b, hi)) for a, b in runs]
+
+
+def _kernel_page() -> int:
+    """The kernel's page (AT_PAGESZ), in which pagemap counts: the one the
+    tests' page-size shim leaves alone."""
+    try:
+        with open("/proc/self/auxv", "rb") as f:
+            for key, val in _AUXV.iter_unpack(f.read()):
+                if key == 6:  # AT_PAGESZ
+                    return int(val)
+    except OSError:
+        pass
+    return _native.os_page_size()
 
 
 # ---- the kernel's mapping budget ------------------------------------------------------

@@ -26,7 +26,7 @@ import timeit
 from collections.abc import Callable
 
 import goheap
-from goheap.efence import fault_address, report_faults
+from goheap.efence import fault_address, guard_marked, report_faults
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -42,6 +42,11 @@ def _maps_lines(v: int, n: int) -> list[str]:
         lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
         if hi > v and lo < v + n:
             out.append("    " + " ".join(line.split()[:2]))
+            # Guard markers fault without a protection maps could show.
+            near = guard_marked(max(lo, v - MiB), min(hi, v + n + MiB)) or []
+            for a, b in near:
+                if a < v + n and b > v:
+                    out.append(f"      {a:x}-{b:x} guard-marked (/proc/self/pagemap): faults")
     return out or ["    (nothing mapped)"]
 
 
@@ -88,7 +93,8 @@ def _show_crash(h: goheap.Heap, addr: int, what: str) -> int | None:
 def use_after_free() -> int | None:
     """A write into a freed object; returns the faulting address the child reported."""
     print("Heap(efence=True): every object on OS pages of its own; free() keeps the span")
-    print("(state FAULTED, still in the spans table) and makes its pages PROT_NONE.")
+    print("(state FAULTED, still in the spans table) and makes its pages fault: guard")
+    print("markers where the kernel has them (Linux 6.13+), else PROT_NONE.")
     with goheap.Heap(arena_size=1 << 30, efence=True) as h:
         p = h.malloc(64)
         h.view(p)[:5] = b"hello"
@@ -148,7 +154,8 @@ def cost(size: int = 100, number: int = 2000, repeat: int = 7) -> dict[str, floa
 
 def quarantine_figures(cycles: int = 20_000, quarantine: int = MiB) -> dict[str, int]:
     """Run cycles x (malloc(100), free) under a quarantine; the heap's address
-    space, its read-write bytes in /proc/self/maps, and the faulted bytes."""
+    space, its read-write bytes in /proc/self/maps (less the guard-marked pages
+    /proc/self/pagemap shows), and the faulted bytes."""
     with goheap.Heap(arena_size=16 << 30, efence=True, quarantine=quarantine) as h:
         for _ in range(cycles):
             h.free(h.malloc(100))
@@ -161,7 +168,8 @@ def quarantine_figures(cycles: int = 20_000, quarantine: int = MiB) -> dict[str,
                     lo, hi = (int(x, 16) for x in rng.split("-"))
                     a, b = max(lo, h.arena_start), min(hi, h.arena_end)
                     if a < b and perms != "---p":
-                        rw += b - a
+                        marked = guard_marked(a, b) or []
+                        rw += b - a - sum(y - x for x, y in marked)
         except OSError:
             rw = -1
         h.check()
@@ -187,7 +195,7 @@ def tour() -> None:
         f"uses {q['arena_bytes'] / MiB:.1f} MiB,"
     )
     print(
-        f"{q['arena_rw_bytes'] / MiB:.1f} MiB of it read-write in /proc/self/maps; "
+        f"{q['arena_rw_bytes'] / MiB:.1f} MiB of it read-write (maps less guard markers); "
         f"{q['faulted'] / KiB:.0f} KiB still faulted (the newest frees), "
         f"{q['deleted']} spans recycled."
     )

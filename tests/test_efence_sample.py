@@ -657,6 +657,7 @@ def test_efence_sample_guard_markers_fault_and_drop_at_the_free(guard_markers):
             h.free(p)
             assert Maps().faulted(s.start, s.end)
             assert guard_runs(s.start, s.end) == [(s.start, s.end)]  # markers, not PROT_NONE
+            assert efence.guard_marked(s.start, s.end) == [(s.start, s.end)]
             assert resident(s.start, s.nbytes) == 0
             assert int(h._c.efq_nundropped) == 0
             assert s._c.marked == _native.lib.GH_FAULT_MARKS
