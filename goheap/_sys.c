@@ -1571,51 +1571,74 @@ int gh_efence_q_list(gh_mheap *h, uintptr_t *out, uintptr_t max, uintptr_t *n)
     return st;
 }
 
+/* mcache_alloc's cold paths, out of line so that the hot one saves no
+ * registers: an efence heap's allocation; a sampled one (the countdown just
+ * said so, h->lock held and released here); MCache_Refill's common case,
+ * swapping in the next span with room (NULL if there is none).  The
+ * exhausted span is full, so it belongs on no list. */
+static __attribute__((noinline)) uintptr_t mcache_alloc_efence(gh_mheap *h, uintptr_t size,
+                                                               int zero)
+{
+    uintptr_t v;
+    if (!heap_lock_open(h))
+        return (uintptr_t)-GH_EARG;
+    v = efence_take_ready(h, size, zero);
+    heap_unlock(h);
+    return v != 0 ? v : (uintptr_t)-GH_MISS;
+}
+
+static __attribute__((noinline)) uintptr_t mcache_alloc_sampled(gh_mheap *h, uintptr_t size,
+                                                                int zero)
+{
+    uintptr_t v = efence_sample_serve(h, size, zero); /* a quarantined span, or the slow path's */
+    heap_unlock(h);
+    return v != 0 ? v : (uintptr_t)-GH_MISS;
+}
+
+static __attribute__((noinline)) gh_mspan *mcache_refill(gh_mheap *h, uintptr_t cl)
+{
+    gh_mspan *s = h->alloc[cl], *t = h->nonempty[cl];
+    if (t == NULL)
+        return NULL;
+    nonempty_unlink(h, t);
+    if (s != NULL)
+        s->incache = 0;
+    t->incache = 1;
+    h->alloc[cl] = t;
+    return t;
+}
+
 /* sample: count this allocation in the sampled-efence countdown (0: the slow
  * path, which has made its choice, asking again). */
-static inline uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size, int zero, int sample)
+static inline __attribute__((always_inline)) uintptr_t mcache_alloc(gh_mheap *h, uintptr_t size,
+                                                                    int zero, int sample)
 {
     gh_mspan *s;
     uintptr_t v, next, cl;
 
     if (h == NULL || h->arena_start == 0)
         return (uintptr_t)-GH_EARG;
-    if (h->efence) { /* efence mode: every object a ready span's, or Python's */
-        if (!heap_lock_open(h))
-            return (uintptr_t)-GH_EARG;
-        v = efence_take_ready(h, size, zero);
-        heap_unlock(h);
-        return v != 0 ? v : (uintptr_t)-GH_MISS;
-    }
+    if (h->efence) /* efence mode: every object a ready span's, or Python's */
+        return mcache_alloc_efence(h, size, zero);
     if (size > GH_MAX_SMALL_SIZE)
         return large_alloc(h, size, zero, sample);
     cl = size <= 1024 ? h->size_to_class8[(size + 7) >> 3]
                       : h->size_to_class128[(size - 1024 + 127) >> 7];
     if (!heap_lock_open(h))
         return (uintptr_t)-GH_EARG;
-    if (sample && sample_due(h)) {
-        v = efence_sample_serve(h, size, zero); /* a quarantined span, or the slow path's */
-        heap_unlock(h);
-        return v != 0 ? v : (uintptr_t)-GH_MISS;
-    }
+    if (sample && sample_due(h))
+        return mcache_alloc_sampled(h, size, zero);
     if (h->frozen) {
         heap_unlock(h);
         return (uintptr_t)-GH_MISS; /* the slow path waits for check() */
     }
     s = h->alloc[cl];
     if (s == NULL || s->freelist == 0) {
-        /* MCache_Refill's common case: swap in the next span with room.  The
-         * exhausted span is full, so it belongs on no list. */
-        gh_mspan *t = h->nonempty[cl];
-        if (t == NULL) {
+        s = mcache_refill(h, cl);
+        if (s == NULL) {
             heap_unlock(h);
             return (uintptr_t)-GH_MISS;
         }
-        nonempty_unlink(h, t);
-        if (s != NULL)
-            s->incache = 0;
-        t->incache = 1;
-        h->alloc[cl] = s = t;
     }
     v = s->freelist;
     next = *(uintptr_t *)v;
@@ -2096,7 +2119,8 @@ uintptr_t gh_mcache_alloc_unsampled(gh_mheap *h, uintptr_t size, int zero)
 /* The start of the calls that judge v as free() would: GH_EARG for a closed
  * heap, GH_EINVALID for an address no object can start at; on GH_OK the lock
  * is held and *bits, *s are v's bitmap bits and span (or NULL). */
-static int judge_begin(gh_mheap *h, uintptr_t v, uint64_t *bits, gh_mspan **s)
+static inline __attribute__((always_inline)) int judge_begin(gh_mheap *h, uintptr_t v, uint64_t *bits,
+                                                          gh_mspan **s)
 {
     if (h == NULL || h->arena_start == 0)
         return GH_EARG;
@@ -2120,6 +2144,15 @@ static inline int not_live_status(const gh_mspan *s, uintptr_t v, uint64_t bits)
     if (s != NULL && s->sizeclass != 0 && v >= s->limit)
         return GH_EINVALID;
     return GH_EDOUBLE;
+}
+
+/* gh_mcache_free of live large or efence object v of span s, h->lock held
+ * and released here; out of line so that the small path saves no registers. */
+static __attribute__((noinline)) int mcache_free_large(gh_mheap *h, gh_mspan *s, uintptr_t v)
+{
+    int cached = s->efence ? efence_free(h, s, v) : lcache_put(h, s, v);
+    heap_unlock(h);
+    return cached ? GH_OK : GH_FREED_LARGE;
 }
 
 /* free(v).  Returns 0, a GH_E* status (< 0, nothing changed), or
@@ -2146,11 +2179,8 @@ int gh_mcache_free(gh_mheap *h, uintptr_t v)
         heap_unlock(h);
         return GH_ECORRUPT;
     }
-    if (s->sizeclass == 0) {
-        int cached = s->efence ? efence_free(h, s, v) : lcache_put(h, s, v);
-        heap_unlock(h);
-        return cached ? GH_OK : GH_FREED_LARGE;
-    }
+    if (s->sizeclass == 0)
+        return mcache_free_large(h, s, v);
     bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
     ((uintptr_t *)v)[0] = s->freelist;
     if (s->elemsize > 2 * GH_PTR_SIZE)
