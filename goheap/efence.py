@@ -283,7 +283,8 @@ class EFence:
         made = 0
         try:
             npages = (span_bytes >> PAGE_SHIFT) * n
-            s = h.alloc_span_aligned_locked(npages, unit, grow_ahead=READY_GROW_AHEAD * npages)
+            ahead = max(npages, READY_GROW_BYTES >> PAGE_SHIFT)
+            s = h.alloc_span_aligned_locked(npages, unit, grow_ahead=ahead)
         except (OSError, MemoryError):
             s = None
         if s is not None:
@@ -640,18 +641,24 @@ _GUARD_CODES = {
 # READY_BATCH_MIN and at most READY_BATCH_MAX of them: 64 x 16 KiB for the
 # smallest objects with guards at 4 KiB pages, 16 x 72 KiB for the largest.
 # Their pages are address space until used (only pages an earlier user
-# dirtied are resident), and scavenge() gives them back.
+# dirtied are resident), and scavenge() gives them back.  With guard
+# markers a guard splits no mapping, so batches are four times larger: the
+# Python a miss costs (a few hundred microseconds) was most of what a
+# fresh sampled object cost, before the quarantine fills.
 READY_BATCH_BYTES = 1 << 20
-# When a batch makes the heap grow, it grows by this many batches (address
-# space, mapped untouched): a grow costs as much Python as the batch itself.
-READY_GROW_AHEAD = 4
+READY_BATCH_MARKED = 4  # times more, with guard markers
+# When a batch makes the heap grow, it grows by this much at least (address
+# space, mapped untouched; four plain batches): a grow costs as much Python
+# as the batch itself.
+READY_GROW_BYTES = 4 << 20
 READY_BATCH_MIN = 16
 READY_BATCH_MAX = 64
 
 
 def ready_batch(span_bytes: int) -> int:
     """How many ready spans of span_bytes one miss makes."""
-    return max(READY_BATCH_MIN, min(READY_BATCH_MAX, READY_BATCH_BYTES // span_bytes))
+    k = READY_BATCH_MARKED if _native.guard_regions()[0] else 1
+    return max(READY_BATCH_MIN, min(k * READY_BATCH_MAX, k * READY_BATCH_BYTES // span_bytes))
 
 
 def _position(addr: int, base: int, size: int) -> str:

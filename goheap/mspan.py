@@ -202,6 +202,16 @@ class SpanAlloc:
                     continue
                 v, used = self.chunks[ci][0], self._used[ci]
                 free = ~used & ((1 << self._nstructs(ci)) - 1)
+                if free:
+                    # Structs are taken lowest first, so the free ones are
+                    # mostly one run: take as much of it as is wanted at once.
+                    i = (free & -free).bit_length() - 1
+                    k = min(n - len(got), (free >> i ^ (free >> i) + 1).bit_length() - 1)
+                    run = ((1 << k) - 1) << i
+                    used |= run
+                    free &= ~run
+                    got.extend(range(v + i * self.size, v + (i + k) * self.size, self.size))
+                    self.inuse += k
                 while free and len(got) < n:
                     low = free & -free
                     free ^= low
