@@ -254,7 +254,9 @@ static int os_guards_probe(void)
  * probe alike and store the same answer). */
 static inline int os_guards_on(void)
 {
-    int g = __atomic_load_n(&os_guards, __ATOMIC_RELAXED);
+    /* Acquire/release: whoever sees the setting sees the probe's answer
+     * (gh_efence_q_push records "either" by it). */
+    int g = __atomic_load_n(&os_guards, __ATOMIC_ACQUIRE);
     const char *env;
     if (g >= 0)
         return g;
@@ -263,7 +265,7 @@ static inline int os_guards_on(void)
     env = getenv("GOHEAP_GUARD_REGIONS");
     if (env != NULL && env[0] == '0' && env[1] == '\0')
         g = 0;
-    __atomic_store_n(&os_guards, g, __ATOMIC_RELAXED);
+    __atomic_store_n(&os_guards, g, __ATOMIC_RELEASE);
     return g;
 }
 
@@ -275,17 +277,21 @@ int gh_sys_guards(int set, int *on, int *kernel)
     if (set == 1 && !__atomic_load_n(&os_guards_kernel, __ATOMIC_RELAXED))
         return ENOTSUP;
     if (set != -1)
-        __atomic_store_n(&os_guards, set, __ATOMIC_RELAXED);
+        __atomic_store_n(&os_guards, set, __ATOMIC_RELEASE);
     if (on != NULL)
-        *on = __atomic_load_n(&os_guards, __ATOMIC_RELAXED);
+        *on = __atomic_load_n(&os_guards, __ATOMIC_ACQUIRE);
     if (kernel != NULL)
         *kernel = __atomic_load_n(&os_guards_kernel, __ATOMIC_RELAXED);
     return GH_OK;
 }
 
 /* Guard markers over [v, v+n), whole pages checked by the caller: GH_OK, or
- * an errno with no marker left behind (a failure part way through, ENOMEM
- * for page tables, has the ones it made taken away again). */
+ * an errno with no marker left in the range (a failure part way through,
+ * ENOMEM for page tables or EINVAL at a locked mapping, has the ones it made
+ * taken away again).  So [v, v+n) must hold no marker the caller means to
+ * keep: efence faults a freed object's data pages, never its guard.  Pages
+ * marked before the failure were dropped and read zero: the one way a
+ * failed fault changes something, and only where the kernel fails midway. */
 static int os_guard_install(uintptr_t v, size_t n)
 {
 #if GH_HAVE_GUARD_MARKERS
@@ -1182,20 +1188,37 @@ static inline uintptr_t efence_sample_serve(gh_mheap *h, uintptr_t size, int zer
     return v;
 }
 
+/* The data pages of live efence span s, laid out for the heap's guard mode
+ * (efence_hand_out): [*lo, *lo + *len); 0 if s is too short to hold them. */
+static inline int efence_data(const gh_mheap *h, const gh_mspan *s, uintptr_t *lo,
+                              uintptr_t *len)
+{
+    uintptr_t nbytes = s->npages << GH_PAGE_SHIFT;
+    uintptr_t guard = h->efq_guard != GH_EFENCE_GUARD_NONE ? h->efq_unit : 0;
+    if (nbytes <= guard)
+        return 0;
+    *lo = h->efq_guard == GH_EFENCE_GUARD_BEFORE ? s->start + guard : s->start;
+    *len = nbytes - guard;
+    return 1;
+}
+
 /* free(v) of the live efence object of span s: faulted and quarantined
  * here, 1; or 0, nothing changed, when Python must do it (C may not make
  * the calls, v is not the object's start, the quarantine would pass a bound
  * and Python must retire spans, or mprotect failed and Python says why). */
 static int efence_free(gh_mheap *h, gh_mspan *s, uintptr_t v)
 {
-    uintptr_t nbytes = s->npages << GH_PAGE_SHIFT;
+    uintptr_t nbytes = s->npages << GH_PAGE_SHIFT, lo, len;
     if (!efq_c_ok(h) || v != s->base || s->ref != 1 || h->efq_nspans + 1 > h->efq_max_spans ||
         h->efq_bytes + nbytes > h->efq_max_bytes)
         return 0;
     if (!os_args_ok(s->start, nbytes, h->efq_pagesize, 0))
         return 0;
-    /* Guard markers fault the span and drop its pages in one call. */
-    if (os_guards_on() && os_guard_install(s->start, nbytes) == GH_OK) {
+    /* Guard markers fault the data pages and drop them in one call; the
+     * guard is faulted already, and os_guard_install's undo on a failure
+     * must not open it. */
+    if (os_guards_on() && efence_data(h, s, &lo, &len) &&
+        os_guard_install(lo, len) == GH_OK) {
         bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
         s->ref = 0;
         s->state = GH_MSPAN_FAULTED;

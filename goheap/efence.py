@@ -96,6 +96,7 @@ every live object stays clear of its guard; every ready span is on its list.  Th
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from typing import Any
@@ -489,8 +490,14 @@ class EFence:
         If the fault fails the object stays live and OutOfMemory says why.
         (C does the same in efence_free when the quarantine has room.)"""
         h = self.h
+        # The data pages only: the guard is faulted already, and a fault the
+        # OS refuses part way must not open it (sys_fault undoes its markers).
+        lo, hi = s.start, s.end
+        g = self.guard_of(s)
+        if g is not None:
+            lo, hi = (g[0] + g[1], hi) if g[0] == lo else (lo, g[0])
         try:
-            h.mem.sys_fault(s.start, s.nbytes)
+            h.mem.sys_fault(lo, hi - lo)
         except (OSError, MemoryError) as e:
             _native.bitmap_set(h.c, word(s.base), _native.BIT_ALLOCATED, _native.BIT_BOUNDARY)
             s.ref = 1
@@ -687,8 +694,8 @@ def guard_marked(lo: int, hi: int) -> list[tuple[int, int]] | None:
     spans are faulted with where the kernel has markers), from
     /proc/self/pagemap; None where it cannot say (no pagemap, or a kernel
     that makes no markers)."""
-    if not _native.guard_regions()[1]:
-        return None
+    if not _native.guard_regions()[1] or _kernel_release() < (6, 15):
+        return None  # no markers, or no pagemap bit for them (6.13, 6.14)
     page = _kernel_page()
     lo -= lo % page
     runs: list[tuple[int, int]] = []
@@ -710,6 +717,12 @@ def guard_marked(lo: int, hi: int) -> list[tuple[int, int]] | None:
     except OSError:
         return None
     return [(a, min(b, hi)) for a, b in runs]
+
+
+def _kernel_release() -> tuple[int, int]:
+    """The running kernel's (major, minor), (0, 0) if it does not say."""
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def _kernel_page() -> int:

@@ -14,7 +14,7 @@ import ctypes
 import threading
 
 import pytest
-from osview import died_of_fault, guard_runs, mappings, resident, run_child
+from osview import died_of_fault, guard_runs, mappings, perms_over, resident, run_child
 from pycalls import goheap_python_calls
 
 import goheap
@@ -713,4 +713,39 @@ def test_efence_sample_check_refuses_a_marked_span_waiting_for_a_drop(guard_mark
         with pytest.raises(goheap.HeapCorruption, match="quarantine"):
             h.check()
         s._c.marked = _native.lib.GH_FAULT_MARKS
+        h.check()
+
+
+@pytest.mark.parametrize("path", ["c", "python"])
+def test_efence_sample_refused_markers_leave_the_guard_faulted(guard_markers, path):
+    """mlock'ed data pages refuse guard markers (EINVAL): the free falls back
+    to mprotect, and undoing its failed markers never opens the guard after
+    the object (it used to take away every marker of the span).  "c": C frees
+    into a quarantine with room; "python": the quarantine is full, so
+    Python's free faults (then pushes the span as "either")."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mlock.argtypes = libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    h = new_heap(efence_sample=1) if path == "c" else full_sampling_heap(bound=4)
+    with h:
+        p = h.malloc(64)
+        s = h._h.lookup(p)
+        glo, glen = h._sampler.guard_of(s)
+        lo, n = s.start, glo - s.start
+        assert guard_runs(glo, glo + glen) == [(glo, glo + glen)]
+        if path == "python":
+            h._c.efq_max_spans = h._c.efq_nspans  # no room for C: Python frees
+        if libc.mlock(lo, n) != 0:
+            pytest.skip(f"mlock: errno {ctypes.get_errno()}")
+        try:
+            h.free(p)
+            assert guard_runs(glo, glo + glen) == [(glo, glo + glen)]  # still marked
+            assert guard_runs(lo, lo + n) == [] and perms_over(lo, n) == {"---p"}
+            want = _native.lib.GH_FAULT_PROT if path == "c" else _native.lib.GH_FAULT_EITHER
+            assert s._c.marked == want
+            h.check()
+        finally:
+            libc.munlock(lo, n)
+        q = h.malloc(64)  # the span back, opened its way, guard in place
+        assert bytes(h.view(q, 64)) == bytes(64)
+        h.free(q)
         h.check()
