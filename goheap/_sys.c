@@ -319,26 +319,6 @@ static int os_guard_remove(uintptr_t v, size_t n)
 #endif
 }
 
-/* gh_sys_fault's work, saying how: *marked = 1 for guard markers (the pages
- * are gone and will read zero), 0 for mprotect (pages dropped best effort).
- * A refused marker (EINVAL on mlock'ed memory) falls back to mprotect. */
-static int os_fault(uintptr_t v, size_t n, int *marked)
-{
-    *marked = 0;
-    if (os_guards_on() && os_guard_install(v, n) == GH_OK) {
-        *marked = 1;
-        return GH_OK;
-    }
-    if (mprotect((void *)v, n, PROT_NONE) != 0)
-        return errno;
-#if defined(__APPLE__) && defined(MADV_FREE_REUSABLE)
-    (void)madvise((void *)v, n, MADV_FREE_REUSABLE);
-#else
-    (void)madvise((void *)v, n, MADV_DONTNEED);
-#endif
-    return GH_OK;
-}
-
 /* Ready -> Reserved, for efence: every later touch faults, the address range
  * stays ours, the pages go back to the OS.
  * Success means exactly "the range is inaccessible"; failure means exactly
@@ -353,10 +333,19 @@ static int os_fault(uintptr_t v, size_t n, int *marked)
  * range (efence's delete_span) replaces them with fresh zero pages. */
 int gh_sys_fault(uintptr_t v, size_t n, size_t pagesize)
 {
-    int marked;
     if (!os_args_ok(v, n, pagesize, 0))
         return GH_EARG;
-    return os_fault(v, n, &marked);
+    /* A refused marker (EINVAL on mlock'ed memory) falls back to mprotect. */
+    if (os_guards_on() && os_guard_install(v, n) == GH_OK)
+        return GH_OK;
+    if (mprotect((void *)v, n, PROT_NONE) != 0)
+        return errno;
+#if defined(__APPLE__) && defined(MADV_FREE_REUSABLE)
+    (void)madvise((void *)v, n, MADV_FREE_REUSABLE);
+#else
+    (void)madvise((void *)v, n, MADV_DONTNEED);
+#endif
+    return GH_OK;
 }
 
 /* any -> None. */
@@ -1209,6 +1198,7 @@ static inline int efence_data(const gh_mheap *h, const gh_mspan *s, uintptr_t *l
 static int efence_free(gh_mheap *h, gh_mspan *s, uintptr_t v)
 {
     uintptr_t nbytes = s->npages << GH_PAGE_SHIFT, lo, len;
+    int marked;
     if (!efq_c_ok(h) || v != s->base || s->ref != 1 || h->efq_nspans + 1 > h->efq_max_spans ||
         h->efq_bytes + nbytes > h->efq_max_bytes)
         return 0;
@@ -1216,38 +1206,31 @@ static int efence_free(gh_mheap *h, gh_mspan *s, uintptr_t v)
         return 0;
     /* Guard markers fault the data pages and drop them in one call; the
      * guard is faulted already, and os_guard_install's undo on a failure
-     * must not open it. */
-    if (os_guards_on() && efence_data(h, s, &lo, &len) &&
-        os_guard_install(lo, len) == GH_OK) {
-        bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
-        s->ref = 0;
-        s->state = GH_MSPAN_FAULTED;
-        s->marked = GH_FAULT_MARKS;
-        s->needzero = 0;
-        efq_push(h, s);
-        goto freed;
-    }
-    /* Else gh_sys_fault in two halves: PROT_NONE now, so that a use after
-     * free faults at once; the pages dropped with the next few
-     * (efq_drop_all), which a stream of frees mostly makes one call for
+     * must not open it.  Else gh_sys_fault in two halves: PROT_NONE now, so
+     * that a use after free faults at once; the pages dropped with the next
+     * few (efq_drop_all), which a stream of frees mostly makes one call for
      * adjacent spans. */
-    if (mprotect((void *)s->start, nbytes, PROT_NONE) != 0)
+    marked = os_guards_on() && efence_data(h, s, &lo, &len) && os_guard_install(lo, len) == GH_OK;
+    if (!marked && mprotect((void *)s->start, nbytes, PROT_NONE) != 0)
         return 0;
     bitmap_set(h, v, GH_BIT_BOUNDARY, GH_BIT_ALLOCATED);
     s->ref = 0;
     s->state = GH_MSPAN_FAULTED;
-    s->marked = GH_FAULT_PROT;
+    s->marked = marked ? GH_FAULT_MARKS : GH_FAULT_PROT;
     efq_push(h, s);
-    if (h->efq_nundropped == GH_EFQ_DROP_BATCH ||
-        h->efq_undropped_bytes + nbytes >= GH_EFQ_DROP_BYTES)
-        efq_drop_all(h);
-    s->needzero = 1;
-    s->undropped = 1;
-    h->efq_undropped[h->efq_nundropped++] = s;
-    h->efq_undropped_bytes += nbytes;
-    if (nbytes >= GH_EFQ_DROP_BYTES)
-        efq_drop_all(h); /* a big span goes at once, alone */
-freed:
+    if (marked) {
+        s->needzero = 0; /* the markers dropped the pages: they read zero */
+    } else {
+        if (h->efq_nundropped == GH_EFQ_DROP_BATCH ||
+            h->efq_undropped_bytes + nbytes >= GH_EFQ_DROP_BYTES)
+            efq_drop_all(h);
+        s->needzero = 1;
+        s->undropped = 1;
+        h->efq_undropped[h->efq_nundropped++] = s;
+        h->efq_undropped_bytes += nbytes;
+        if (nbytes >= GH_EFQ_DROP_BYTES)
+            efq_drop_all(h); /* a big span goes at once, alone */
+    }
     h->nlargefree++;
     h->largefree += s->elemsize;
     h->live_bytes -= s->elemsize;
